@@ -1,0 +1,3 @@
+"""fcvm: run Podman containers inside microVMs, one VM per container."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from fcvm.cli.main import run
+
+run()

@@ -1,0 +1,71 @@
+"""fcvm's entry point: parse the command line, dispatch, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from fcvm import __version__
+
+# Command modules, in the order `fcvm --help` lists them. Each has add_parser(sub).
+COMMAND_MODULES = (
+    "fcvm.cli.setup",
+    "fcvm.cli.podman",
+    "fcvm.cli.exec",
+    "fcvm.cli.ls",
+    "fcvm.cli.snapshot",
+    "fcvm.cli.gc",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcvm",
+        description="Run Podman containers inside microVMs: one VM per container, "
+        "Firecracker or QEMU underneath.",
+        epilog="Environment: FCVM_BASE_DIR (state and assets; default /var/lib/fcvm "
+        "for root), FCVM_LOG=info|debug (fcvm's own messages on stderr), "
+        "FCVM_FIRECRACKER (path to firecracker), FCVM_VMM=auto|firecracker|qemu.",
+    )
+    parser.add_argument("--version", action="version", version=f"fcvm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command not built yet
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fcvm.log import setup_logging
+
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0
+    from fcvm.errors import FcvmError
+
+    try:
+        return int(func(args) or 0)
+    except FcvmError as exc:
+        print(f"fcvm: {exc.line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
