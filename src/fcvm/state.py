@@ -1,0 +1,195 @@
+"""VM records: one JSON file per running VM, written atomically under a lock.
+
+A record names the fcvm process that owns the VM (pid plus its kernel start time,
+so a recycled pid is never mistaken for the owner). A record whose owner is gone is
+stale: it is never shown as running, and the next fcvm command reaps it (runs the
+registered cleanups and removes the VM directory) - see reap_stale().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcvm import paths
+from fcvm.errors import StateError
+
+RECORD_FILE = "vm.json"
+
+
+@dataclass
+class VmRecord:
+    vm_id: str
+    name: str
+    kind: str = "vm"  # "vm" or "serve" (a snapshot page server)
+    pid: int = 0  # the fcvm process that owns it
+    pid_start: int = 0  # that process's start time (clock ticks since boot)
+    vmm: str = ""
+    vmm_pid: int | None = None
+    image: str = ""
+    status: str = "starting"  # starting | running | healthy | stopping
+    created: float = field(default_factory=time.time)
+    cpus: int = 0
+    mem_mib: int = 0
+    network: dict[str, Any] = field(default_factory=dict)  # net.NetHandle.record()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of pid in clock ticks since boot, or None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parens: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])  # field 22 overall
+
+
+def owner_alive(record: VmRecord) -> bool:
+    return record.pid > 0 and process_start_time(record.pid) == record.pid_start
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """Exclusive lock over the set of records (create/remove/name checks)."""
+    vms = paths.vms_dir()
+    vms.mkdir(parents=True, exist_ok=True)
+    fd = os.open(vms / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _record_path(vm_id: str) -> Path:
+    return paths.vm_dir(vm_id) / RECORD_FILE
+
+
+def write_record(record: VmRecord) -> None:
+    """Atomically replace the record file (write temp, fsync, rename)."""
+    path = _record_path(record.vm_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(record.to_json(), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_record(vm_id: str) -> VmRecord | None:
+    try:
+        return VmRecord.from_json(json.loads(_record_path(vm_id).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _all_records() -> list[VmRecord]:
+    vms = paths.vms_dir()
+    if not vms.is_dir():
+        return []
+    out = []
+    for entry in sorted(vms.iterdir()):
+        if entry.is_dir():
+            rec = read_record(entry.name)
+            if rec is not None:
+                out.append(rec)
+    return out
+
+
+def new_vm_id() -> str:
+    return os.urandom(4).hex()
+
+
+def create(record: VmRecord) -> VmRecord:
+    """Register a new VM owned by this process; names are unique among live VMs."""
+    record.pid = os.getpid()
+    record.pid_start = process_start_time(record.pid) or 0
+    with locked():
+        for other in _all_records():
+            if other.name == record.name and owner_alive(other):
+                raise StateError(f"a VM named {record.name!r} is already running (pid {other.pid})")
+        write_record(record)
+    return record
+
+
+def update(record: VmRecord, **changes: Any) -> None:
+    for key, value in changes.items():
+        setattr(record, key, value)
+    write_record(record)
+
+
+def remove(vm_id: str) -> None:
+    """Delete the VM's directory (record, sockets, logs)."""
+    with locked():
+        shutil.rmtree(paths.vm_dir(vm_id), ignore_errors=True)
+
+
+def list_live() -> list[VmRecord]:
+    """Records whose owner process is alive. Stale ones are not shown (nor reaped here)."""
+    return [r for r in _all_records() if owner_alive(r)]
+
+
+def find(*, name: str | None = None, pid: int | None = None) -> VmRecord:
+    for rec in list_live():
+        if (name is not None and rec.name == name) or (pid is not None and rec.pid == pid):
+            return rec
+    what = f"named {name!r}" if name is not None else f"with pid {pid}"
+    raise StateError(f"no running VM {what}")
+
+
+# Cleanups for stale records, by record kind, registered by the modules that own the
+# resources (network, page server...). Each takes the stale record and must not raise.
+Cleanup = Callable[[VmRecord], None]
+_cleanups: list[Cleanup] = []
+
+
+def register_cleanup(func: Cleanup) -> None:
+    _cleanups.append(func)
+
+
+def reap_stale() -> list[VmRecord]:
+    """Remove what dead fcvm processes left behind; returns the reaped records."""
+    reaped = []
+    with locked():
+        stale = [r for r in _all_records() if not owner_alive(r)]
+        for rec in stale:
+            _kill_leftover_vmm(rec)
+            for cleanup in _cleanups:
+                with contextlib.suppress(Exception):
+                    cleanup(rec)
+            shutil.rmtree(paths.vm_dir(rec.vm_id), ignore_errors=True)
+            reaped.append(rec)
+    return reaped
+
+
+def _kill_leftover_vmm(rec: VmRecord) -> None:
+    """A VMM normally dies with fcvm (PDEATHSIG); make sure, checking it is ours."""
+    pid = rec.vmm_pid
+    if not pid:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if rec.vm_id.encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
