@@ -1,0 +1,42 @@
+"""Messages of the process protocol that runs on top of session channels.
+
+Shared by host and agent (stdlib only). To run something in the guest, the host:
+
+1. opens one channel per stdio stream, meta {"kind": "stdio", "fd": 0|1|2}
+   (with a TTY, one channel, fd 0, carries input and output both ways);
+2. opens a process channel, meta {"kind": "proc", "spec": {...}, "stdio": {"0": id, ...}}.
+
+The spec's "mode" says what to run:
+  "container"  the main container of the VM (image, command, env, name, ...)
+  "exec"       a command inside the running container
+  "vm"         a command in the guest OS itself
+
+On the process channel the agent sends JSON events, in order:
+  {"event": "phase", "name": "..."}           progress, for logs and benchmarks
+  {"event": "started", "pid": N}
+  {"event": "exit", "code": N}                 after all stdio channels reached EOF
+  {"event": "error", "message": "...", "code": 125|126|127}
+and the host may send:
+  {"op": "resize", "rows": R, "cols": C}
+  {"op": "signal", "signal": N}
+"""
+
+from __future__ import annotations
+
+KIND_STDIO = "stdio"
+KIND_PROC = "proc"
+
+MODE_CONTAINER = "container"
+MODE_EXEC = "exec"
+MODE_VM = "vm"
+
+EV_PHASE = "phase"
+EV_STARTED = "started"
+EV_EXIT = "exit"
+EV_ERROR = "error"
+
+OP_RESIZE = "resize"
+OP_SIGNAL = "signal"
+
+# Name of the main container inside the guest (one container per VM).
+CONTAINER_NAME = "fcvm"

@@ -1,0 +1,207 @@
+"""Runs one process request (a proc channel) to completion in the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pty
+import subprocess
+from typing import Any
+
+from fcvm.agent import procs
+from fcvm.agent import protocol as p
+from fcvm.session import Channel
+
+log = logging.getLogger("fcvm.agent")
+
+OUTPUT_DRAIN_SECONDS = 5.0
+
+
+class ProcError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def podman_argv(spec: dict[str, Any], image: str | None = None) -> list[str]:
+    """The podman command for a container run or an exec into the container."""
+    mode = spec["mode"]
+    tty = bool(spec.get("tty"))
+    interactive = bool(spec.get("interactive"))
+    argv = ["podman", "--log-level=error"]
+    if mode == p.MODE_CONTAINER:
+        argv += ["run", "--rm", "--network=host", f"--name={p.CONTAINER_NAME}"]
+        if spec.get("privileged"):
+            argv.append("--privileged")
+    else:
+        argv += ["exec"]
+        if spec.get("workdir"):
+            argv.append(f"--workdir={spec['workdir']}")
+        if spec.get("user"):
+            argv.append(f"--user={spec['user']}")
+    if interactive:
+        argv.append("--interactive")
+    if tty:
+        argv.append("--tty")
+    for key, value in spec.get("env", []):
+        argv.append(f"--env={key}={value}")
+    if mode == p.MODE_CONTAINER:
+        assert image is not None
+        argv.append(image)
+    else:
+        argv.append(p.CONTAINER_NAME)
+    argv += spec.get("argv", [])
+    return argv
+
+
+async def _run_quiet(argv: list[str], reaper: procs.Reaper) -> tuple[int, str]:
+    """Run a helper command to completion; returns (exit code, stderr+stdout text)."""
+    proc = procs.spawn(argv)
+    done = reaper.watch(proc)
+    assert proc.stdout is not None and proc.stderr is not None
+    loop = asyncio.get_running_loop()
+    out, err = await asyncio.gather(
+        loop.run_in_executor(None, proc.stdout.read), loop.run_in_executor(None, proc.stderr.read)
+    )
+    code = await done
+    proc.returncode = code
+    return code, (err + out).decode(errors="replace").strip()
+
+
+async def prepare_image(spec: dict[str, Any], reaper: procs.Reaper, phase: Any) -> str:
+    """Make the container image available in the guest's podman; returns its reference."""
+    image = spec["image"]
+    if "device" in image:
+        await phase("image-load")
+        code, text = await _run_quiet(["podman", "load", "-q", "-i", image["device"]], reaper)
+        if code != 0:
+            raise ProcError(f"podman load failed: {text}", 125)
+        # "Loaded image: REF" or "Loaded image(s): REF[,REF]"
+        loaded = text.splitlines()[-1].split(": ", 1)[-1].split(",")[0].strip()
+        await phase("image-loaded")
+        return image.get("ref") or loaded
+    ref = str(image["pull"])
+    await phase("image-pull")
+    code, text = await _run_quiet(["podman", "pull", "-q", ref], reaper)
+    if code != 0:
+        raise ProcError(f"cannot pull {ref} in the guest: {text.splitlines()[-1:]}", 125)
+    await phase("image-loaded")
+    return ref
+
+
+async def run_proc(proc_ch: Channel, stdio: dict[int, Channel], reaper: procs.Reaper) -> None:
+    spec: dict[str, Any] = proc_ch.meta["spec"]
+    mode = spec.get("mode")
+
+    async def phase(name: str) -> None:
+        await proc_ch.send_json({"event": p.EV_PHASE, "name": name})
+
+    try:
+        if mode == p.MODE_CONTAINER:
+            image = await prepare_image(spec, reaper, phase)
+            argv = podman_argv(spec, image)
+            env = None
+        elif mode == p.MODE_EXEC:
+            argv = podman_argv(spec)
+            env = None
+        elif mode == p.MODE_VM:
+            argv = list(spec["argv"])
+            env = dict(os.environ)
+            env.update(dict(spec.get("env", [])))
+        else:
+            raise ProcError(f"unknown mode {mode!r}", 125)
+        await _execute(proc_ch, stdio, reaper, spec, argv, env)
+    except ProcError as exc:
+        await _send_error(proc_ch, str(exc), exc.code)
+    except Exception as exc:  # never let one request take the agent down
+        log.exception("request failed")
+        await _send_error(proc_ch, f"agent: {exc}", 125)
+    finally:
+        for ch in stdio.values():
+            with contextlib.suppress(Exception):
+                await ch.close()
+        with contextlib.suppress(Exception):
+            await proc_ch.close()
+
+
+async def _send_error(proc_ch: Channel, message: str, code: int) -> None:
+    with contextlib.suppress(Exception):
+        await proc_ch.send_json({"event": p.EV_ERROR, "message": message, "code": code})
+
+
+async def _execute(
+    proc_ch: Channel,
+    stdio: dict[int, Channel],
+    reaper: procs.Reaper,
+    spec: dict[str, Any],
+    argv: list[str],
+    env: dict[str, str] | None,
+) -> None:
+    tty = bool(spec.get("tty"))
+    cwd = spec.get("workdir") if spec.get("mode") == p.MODE_VM else None
+    master = None
+    try:
+        if tty:
+            master, slave = pty.openpty()
+            procs.set_winsize(slave, int(spec.get("rows", 24)), int(spec.get("cols", 80)))
+            proc = procs.spawn(argv, env=env, cwd=cwd, tty_fd=slave)
+            os.close(slave)
+        else:
+            stdin = subprocess.PIPE if 0 in stdio else subprocess.DEVNULL
+            proc = procs.spawn(argv, env=env, cwd=cwd, stdin=stdin)
+    except FileNotFoundError:
+        raise ProcError(f"{argv[0]}: command not found", 127) from None
+    except PermissionError:
+        raise ProcError(f"{argv[0]}: permission denied", 126) from None
+    except OSError as exc:
+        raise ProcError(f"{argv[0]}: {exc.strerror}", 126) from None
+    done = reaper.watch(proc)
+    await proc_ch.send_json({"event": p.EV_STARTED, "pid": proc.pid})
+
+    readers: list[asyncio.Task[None]] = []  # process output -> host
+    writers: list[asyncio.Task[None]] = []  # host input -> process
+    if master is not None:
+        readers.append(asyncio.create_task(procs.pump_fd_to_channel(os.dup(master), stdio[0])))
+        writers.append(asyncio.create_task(procs.pump_channel_to_fd(stdio[0], master, close=False)))
+    else:
+        for fd, pipe in ((1, proc.stdout), (2, proc.stderr)):
+            assert pipe is not None
+            raw = os.dup(pipe.fileno())
+            pipe.close()
+            if fd in stdio:
+                readers.append(asyncio.create_task(procs.pump_fd_to_channel(raw, stdio[fd])))
+            else:
+                os.close(raw)
+        if proc.stdin is not None:
+            raw = os.dup(proc.stdin.fileno())
+            proc.stdin.close()
+            writers.append(asyncio.create_task(procs.pump_channel_to_fd(stdio[0], raw)))
+    control = asyncio.create_task(_host_ops(proc_ch, proc, master))
+
+    code = await done
+    proc.returncode = code
+    # Output is complete when the pipes close; a daemon the process left behind may
+    # hold them open, so give that a bounded time only.
+    if readers:
+        await asyncio.wait(readers, timeout=OUTPUT_DRAIN_SECONDS)
+    for task in (*readers, *writers, control):
+        task.cancel()
+    if master is not None:
+        with contextlib.suppress(OSError):
+            os.close(master)
+    await proc_ch.send_json(procs.exit_event(code))
+
+
+async def _host_ops(proc_ch: Channel, proc: subprocess.Popen[bytes], master: int | None) -> None:
+    while True:
+        msg = await proc_ch.recv_json()
+        if msg is None:
+            return
+        op = msg.get("op")
+        if op == p.OP_RESIZE and master is not None:
+            procs.set_winsize(master, int(msg["rows"]), int(msg["cols"]))
+        elif op == p.OP_SIGNAL:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, int(msg["signal"]))

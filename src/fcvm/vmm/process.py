@@ -1,0 +1,67 @@
+"""Launching a VMM process so that it can never outlive fcvm.
+
+The child gets PR_SET_PDEATHSIG=SIGKILL: if fcvm dies (even by kill -9) the kernel
+kills the VMM too, so nothing keeps running; `fcvm gc` / the next command then only
+has files and network leftovers to reap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Ctrl-C in the terminal goes to fcvm, which stops the VM in order; the VMM
+    # itself must not get the SIGINT of the foreground process group.
+    os.setpgid(0, 0)
+
+
+def spawn(argv: Sequence[str], *, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM, wait up to timeout, then SIGKILL; always reaps. Never raises."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+
+
+def log_tail(path: Path | None, lines: int = 5) -> str:
+    """Last lines of a VMM/console log, for error messages."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
+    return " | ".join(tail)
