@@ -61,6 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback only when asked
+        import logging
+
+        logging.getLogger("fcvm").debug("internal error", exc_info=True)
+        print(
+            f"fcvm: internal error: {type(exc).__name__}: {exc} "
+            "(FCVM_LOG=debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 125
 
 
 def run() -> None:

@@ -1,0 +1,28 @@
+"""`fcvm gc`: reap what killed fcvm processes left behind.
+
+Every fcvm command already does this on start (state.reap_stale); `gc` does only
+that, and says what it removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    gc = sub.add_parser(
+        "gc",
+        help="clean up after fcvm processes that were killed",
+        description="Remove records, VM directories, VMM processes and network state "
+        "left by fcvm processes that died (e.g. kill -9). Every fcvm command does "
+        "this on start too.",
+    )
+    gc.set_defaults(func=cmd_gc)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from fcvm import state
+
+    for rec in state.reap_stale():
+        print(f"reaped {rec.name} ({rec.vm_id}, owner pid {rec.pid})")
+    return 0

@@ -1,0 +1,95 @@
+"""`fcvm podman run`: run a container in its own microVM, like `podman run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+examples:
+  fcvm podman run --name hello localhost/fcvm-busybox -- echo hello
+  fcvm podman run --name job --env A=1,B=2 --cpu 2 --mem 2G oci-archive:/tmp/img.tar
+  fcvm podman run --name t --cmd 'sh -c "exit 42"' docker-archive:/tmp/img.tar
+
+Images come from the host's podman storage, from oci-archive:PATH or
+docker-archive:PATH, or (full registry references) are pulled inside the guest.
+The container's stdout/stderr/exit code become fcvm's; fcvm's own failures exit
+125 with one line on stderr (more with FCVM_LOG=info or debug).
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    podman = sub.add_parser("podman", help="run a container in a microVM (podman-style)")
+    psub = podman.add_subparsers(dest="podman_command", metavar="COMMAND", required=True)
+    run = psub.add_parser(
+        "run",
+        help="boot a microVM and run IMAGE in it",
+        description="Boot a microVM, run the container in it, forward its output and exit code.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--name", required=True, help="name of the VM (unique among running VMs)")
+    run.add_argument(
+        "--env",
+        "-e",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V...]",
+        help="environment for the container (repeatable)",
+    )
+    run.add_argument("--cpu", default="1", metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--mem", default="1024", metavar="MiB", help="memory in MiB (default 1024)")
+    run.add_argument("--cmd", metavar="'CMD ARGS'", help="command as one shell-quoted string")
+    run.add_argument(
+        "--vmm",
+        choices=("auto", "firecracker", "qemu"),
+        default=None,
+        help="VMM backend (default: $FCVM_VMM or auto: Firecracker when usable)",
+    )
+    run.add_argument("--privileged", action="store_true", help="run the container privileged")
+    run.add_argument(
+        "--setup",
+        action="store_true",
+        help="build the guest assets first if they are missing (fcvm setup)",
+    )
+    run.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="image in host storage, oci-archive:PATH, docker-archive:PATH, "
+        "or a registry reference",
+    )
+    run.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="command to run instead of the image's default",
+    )
+    run.set_defaults(func=cmd_run)  # fmt: skip
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from fcvm import plan as p
+    from fcvm.remote import LocalStdio
+    from fcvm.runner import Run
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    plan = p.RunPlan(
+        name=p.parse_name(args.name),
+        image=p.parse_image(args.image),
+        command=p.parse_command(args.cmd, command),
+        env=p.parse_env(args.env),
+        cpus=p.parse_cpus(args.cpu),
+        mem_mib=p.parse_mem(args.mem),
+        vmm=args.vmm or os.environ.get("FCVM_VMM", "auto"),
+        privileged=args.privileged,
+    )
+    if args.setup:
+        from fcvm.assets import setup
+
+        setup()
+    sys.stdout.flush()
+    return Run(plan, LocalStdio()).execute()

@@ -1,0 +1,131 @@
+"""The run plan: every flag of `fcvm podman run`, validated, in one immutable value.
+
+Its canonical JSON, hashed, is the key of the image snapshot cache: two runs with
+the same key can start from the same snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fcvm.errors import UsageError
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_CPUS = 64
+MIN_MEM_MIB, MAX_MEM_MIB = 128, 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Where the container image comes from."""
+
+    kind: str  # "host" (host podman storage), "oci-archive", "docker-archive", "registry"
+    ref: str  # image reference, or the archive path
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    name: str
+    image: ImageSpec
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    cpus: int = 1
+    mem_mib: int = 1024
+    vmm: str = "auto"
+    network: str = "rootless"
+    publish: tuple[str, ...] = ()
+    interactive: bool = False
+    tty: bool = False
+    privileged: bool = False
+    health_check: str | None = None
+    snapshot: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def canonical_json(self) -> str:
+        data = asdict(self)
+        data.pop("name")  # the name does not change what the VM holds
+        data.pop("extra")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def cache_key(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+def parse_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid name {name!r}: use letters, digits, '_', '.', '-' "
+            "(at most 63, starting with a letter or digit)"
+        )
+    return name
+
+
+def parse_env(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """--env K=V[,K=V...], repeatable. A bare K takes the value from fcvm's environment."""
+    out: list[tuple[str, str]] = []
+    for value in values:
+        for item in value.split(","):
+            if not item:
+                raise UsageError(f"malformed --env {value!r}: empty entry")
+            key, eq, val = item.partition("=")
+            if not ENV_KEY_RE.match(key):
+                raise UsageError(f"malformed --env {item!r}: expected KEY=VALUE")
+            if not eq:
+                if key not in os.environ:
+                    raise UsageError(f"--env {key}: not set in fcvm's environment")
+                val = os.environ[key]
+            out.append((key, val))
+    return tuple(out)
+
+
+def parse_cpus(value: str) -> int:
+    try:
+        cpus = int(value)
+    except ValueError:
+        raise UsageError(f"malformed --cpu {value!r}: expected a whole number of vCPUs") from None
+    if not 1 <= cpus <= MAX_CPUS:
+        raise UsageError(f"--cpu {cpus}: must be between 1 and {MAX_CPUS}")
+    return cpus
+
+
+def parse_mem(value: str) -> int:
+    """--mem in MiB; a trailing M/MiB or G/GiB is accepted."""
+    m = re.fullmatch(r"(\d+)\s*(m|mib|mb|g|gib|gb)?", value.strip().lower())
+    if not m:
+        raise UsageError(f"malformed --mem {value!r}: expected MiB, e.g. 512 or 2G")
+    mib = int(m.group(1)) * (1024 if (m.group(2) or "m").startswith("g") else 1)
+    if not MIN_MEM_MIB <= mib <= MAX_MEM_MIB:
+        raise UsageError(f"--mem {value}: must be between {MIN_MEM_MIB} MiB and 1 TiB")
+    return mib
+
+
+def parse_image(value: str) -> ImageSpec:
+    for kind in ("oci-archive", "docker-archive"):
+        if value.startswith(kind + ":"):
+            path = value[len(kind) + 1 :]
+            if not path:
+                raise UsageError(f"{kind}: needs a path, e.g. {kind}:/tmp/image.tar")
+            return ImageSpec(kind, path)
+    if not value or value.startswith("-") or any(c.isspace() for c in value):
+        raise UsageError(f"invalid image reference {value!r}")
+    return ImageSpec("host", value)
+
+
+def parse_command(cmd: str | None, args: list[str]) -> tuple[str, ...]:
+    """`--cmd 'CMD ARGS'` (shell words) or the arguments after the image."""
+    if cmd and args:
+        raise UsageError("give the command either with --cmd or after the image, not both")
+    if cmd:
+        try:
+            return tuple(shlex.split(cmd))
+        except ValueError as exc:
+            raise UsageError(f"malformed --cmd: {exc}") from None
+    return tuple(args)

@@ -1,0 +1,200 @@
+"""One `fcvm podman run`: plan -> assets -> image -> VM -> agent -> exit code.
+
+Teardown is one ExitStack: every resource registers its undo as soon as it exists,
+so container exit, Ctrl-C, SIGTERM, a dead VMM or an fcvm bug all unwind the same
+way. If fcvm itself is killed -9, the VMM dies with it (PDEATHSIG) and the next fcvm
+command reaps the record and directory (state.reap_stale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from fcvm import images, log, paths, state
+from fcvm.agent import protocol as p
+from fcvm.errors import GuestError
+from fcvm.plan import RunPlan
+from fcvm.remote import LocalStdio, run_remote
+from fcvm.vmm.base import Drive, VmConfig, Vmm
+
+logger = log.get("runner")
+
+BOOT_TIMEOUT = float(os.environ.get("FCVM_BOOT_TIMEOUT", "90"))
+
+
+class Timings:
+    """Phase split of a run: logged at info, written as JSON to $FCVM_TIMINGS."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        self.marks.append((name, elapsed))
+        logger.info("%7.3fs %s", elapsed, name)
+
+    def dump(self) -> None:
+        out = os.environ.get("FCVM_TIMINGS")
+        if out:
+            Path(out).write_text(json.dumps(dict(self.marks)))
+
+
+def make_vmm(requested: str, config: VmConfig) -> Vmm:
+    from fcvm.vmm.select import create_vmm
+
+    return create_vmm(requested, config)
+
+
+class Run:
+    def __init__(self, plan: RunPlan, stdio: LocalStdio) -> None:
+        self.plan = plan
+        self.stdio = stdio
+        self.timings = Timings()
+        self.signalled: int | None = None
+
+    def execute(self) -> int:
+        from fcvm.assets import resolve_assets
+
+        state.reap_stale()
+        assets = resolve_assets()
+        guest_image = images.resolve(self.plan.image)
+        self.timings.mark("image-ready")
+        vm_id = state.new_vm_id()
+        workdir = paths.vm_dir(vm_id)
+        record = state.VmRecord(
+            vm_id=vm_id,
+            name=self.plan.name,
+            image=self.plan.image.ref,
+            cpus=self.plan.cpus,
+            mem_mib=self.plan.mem_mib,
+        )
+        with contextlib.ExitStack() as undo:
+            state.create(record)
+            undo.callback(state.remove, vm_id)
+            drives = [Drive("root", assets.rootfs, read_only=True, is_root=True)]
+            if guest_image.archive is not None:
+                drives.append(Drive("image", guest_image.archive, read_only=True))
+            config = VmConfig(
+                vm_id=vm_id,
+                workdir=workdir,
+                kernel=assets.vmlinux,
+                initrd=assets.initrd,
+                vcpus=self.plan.cpus,
+                mem_mib=self.plan.mem_mib,
+                drives=tuple(drives),
+                cmdline_extra=(f"fcvm.hostname={self.plan.name}",),
+                console_log=workdir / "console.log",
+            )
+            vmm = make_vmm(self.plan.vmm, config)
+            undo.callback(vmm.stop)
+            vmm.start()
+            state.update(record, vmm=vmm.name, vmm_pid=vmm.pid, status="booting")
+            self.timings.mark("vmm-started")
+            try:
+                code = asyncio.run(self._drive(vmm, record, guest_image))
+            finally:
+                self.timings.dump()
+        if self.signalled is not None:
+            return 128 + self.signalled
+        return code
+
+    def _container_spec(self, guest_image: images.GuestImage) -> dict[str, Any]:
+        image: dict[str, Any]
+        if guest_image.pull:
+            image = {"pull": guest_image.pull}
+        else:
+            image = {"device": "/dev/vdb", "ref": guest_image.ref}
+        return {
+            "mode": p.MODE_CONTAINER,
+            "image": image,
+            "argv": list(self.plan.command),
+            "env": [list(kv) for kv in self.plan.env],
+            "interactive": self.plan.interactive,
+            "tty": self.plan.tty,
+            "privileged": self.plan.privileged,
+        }
+
+    async def _drive(self, vmm: Vmm, record: state.VmRecord, guest_image: images.GuestImage) -> int:
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+
+        def on_signal(signum: int) -> None:
+            self.signalled = signum
+            main.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig)
+        watchdog = asyncio.create_task(_watch_vmm(vmm))
+        try:
+            work = asyncio.create_task(self._session(vmm, record, guest_image))
+            done, _ = await asyncio.wait({work, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                return work.result()
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+            return watchdog.result()  # raises the VMM's failure
+        except asyncio.CancelledError:
+            if self.signalled is None:
+                raise
+            logger.info("signal %d: stopping the VM", self.signalled)
+            return 128 + self.signalled
+        finally:
+            watchdog.cancel()
+
+    async def _session(
+        self, vmm: Vmm, record: state.VmRecord, guest_image: images.GuestImage
+    ) -> int:
+        from fcvm.session import Session
+
+        try:
+            reader, writer = await vmm.open_agent_stream(timeout=BOOT_TIMEOUT)
+            session = Session(reader, writer, role="host")
+            await session.start(timeout=BOOT_TIMEOUT)
+        except TimeoutError:
+            raise GuestError(
+                f"the guest agent did not answer within {BOOT_TIMEOUT:.0f}s",
+                hint=_detail(vmm),
+            ) from None
+        self.timings.mark("agent-ready")
+        state.update(record, status="running")
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == p.EV_PHASE:
+                self.timings.mark(str(event.get("name")))
+            elif event.get("event") == p.EV_STARTED:
+                self.timings.mark("container-started")
+
+        try:
+            code = await run_remote(
+                session, self._container_spec(guest_image), self.stdio, on_event=on_event
+            )
+            self.timings.mark("container-exited")
+            return code
+        finally:
+            await session.close()
+
+
+def _detail(vmm: Vmm) -> str | None:
+    detail = getattr(vmm, "failure_detail", None)
+    return detail() or None if callable(detail) else None
+
+
+async def _watch_vmm(vmm: Vmm) -> int:
+    """Raises GuestError when the VMM process ends before the work does."""
+    while True:
+        code = vmm.poll()
+        if code is not None:
+            raise GuestError(
+                f"the VM stopped unexpectedly ({vmm.name} exited with {code})", hint=_detail(vmm)
+            )
+        await asyncio.sleep(0.05)
