@@ -1,0 +1,34 @@
+"""Shared test helpers: running the real fcvm CLI, and checking nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fcvm(
+    *args: str,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+    check: bool = False,
+    **kw: object,
+) -> subprocess.CompletedProcess[str]:
+    """Run `fcvm ARGS` as a user would (a separate process), capturing output."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcvm", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, **kw,  # type: ignore[call-overload]
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fcvm {args} exited {proc.returncode}: {proc.stderr}")
+    return proc  # type: ignore[no-any-return]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"fcvm base dir: {os.environ.get('FCVM_BASE_DIR', '(default)')}"]

@@ -1,0 +1,87 @@
+"""VM tier: boots real guests (QEMU/TCG on hosts without a usable KVM)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+TEST_IMAGE = "localhost/fcvm-busybox:latest"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/vm/" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> None:
+    """The guest kernel/initrd/rootfs (fcvm setup is a no-op when they are current)."""
+    from fcvm.assets import resolve_assets
+    from fcvm.errors import NotSetUp
+
+    try:
+        resolve_assets()
+    except NotSetUp:
+        subprocess.run(["fcvm", "setup"], check=True, timeout=3000)
+
+
+@pytest.fixture(scope="session")
+def test_image(guest_assets: None) -> str:
+    """A tiny busybox image in the host's podman storage, built locally (no registry)."""
+    subprocess.run([str(REPO / "scripts" / "make-test-image")], check=True, timeout=300)
+    return TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def image_archives(test_image: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("archives")
+    paths = {"oci-archive": out / "busybox.oci.tar", "docker-archive": out / "busybox.docker.tar"}
+    for fmt, path in paths.items():
+        subprocess.run(["podman", "save", "--format", fmt, "-o", str(path), test_image],
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
+    return paths
+
+
+def fcvm_vmm_processes() -> list[str]:
+    """Command lines of VMM processes fcvm started (they carry -name fcvm-<id>)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            cmdline
+            and cmdline[0].endswith((b"qemu-system-x86_64", b"firecracker"))
+            and any(a.startswith(b"fcvm-") for a in cmdline)
+        ):
+            found.append(b" ".join(cmdline).decode(errors="replace"))
+    return found
+
+
+def vm_dirs() -> set[str]:
+    from fcvm import paths
+
+    d = paths.vms_dir()
+    return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    """Fails the test if it leaves a VMM process or a VM directory behind."""
+    before_dirs = vm_dirs()
+    before_procs = set(fcvm_vmm_processes())
+    yield
+    leaked_procs = set(fcvm_vmm_processes()) - before_procs
+    leaked_dirs = vm_dirs() - before_dirs
+    assert not leaked_procs, f"VMM processes left behind: {leaked_procs}"
+    assert not leaked_dirs, f"VM directories left behind: {leaked_dirs}"

@@ -1,0 +1,63 @@
+"""Bad input that needs the guest assets in place to be reached (still no VM boots)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fcvm
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("guest_assets", "no_leftovers")]
+
+
+def _one_line_125(proc: object) -> str:
+    assert proc.returncode == 125, proc.stderr  # type: ignore[attr-defined]
+    err: str = proc.stderr  # type: ignore[attr-defined]
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_image() -> None:
+    err = _one_line_125(fcvm("podman", "run", "--name", "t-noimg", "no-such-image-here"))
+    assert "not found" in err
+
+
+def test_missing_archive(tmp_path: Path) -> None:
+    err = _one_line_125(
+        fcvm("podman", "run", "--name", "t-noarch", f"oci-archive:{tmp_path}/missing.tar")
+    )
+    assert "not found" in err
+
+
+def test_archive_that_is_not_an_image(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar at all" * 100)
+    err = _one_line_125(fcvm("podman", "run", "--name", "t-junk", f"docker-archive:{junk}"))
+    assert "not a readable tar" in err
+
+
+def test_firecracker_requested_but_unusable(test_image: str) -> None:
+    import shutil
+
+    if shutil.which("firecracker"):
+        pytest.skip("firecracker is installed here; this checks hosts without it")
+    err = _one_line_125(
+        fcvm("podman", "run", "--name", "t-fc", "--vmm", "firecracker", test_image, "--", "true")
+    )
+    assert "firecracker" in err.lower()
+
+
+def test_no_vmm_at_all(test_image: str, tmp_path: Path) -> None:
+    """With no QEMU on PATH (and no Firecracker), fcvm says so instead of failing obscurely."""
+    import os
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "podman").symlink_to("/usr/bin/podman")
+    env = {"PATH": f"{bindir}:{os.path.dirname(sys.executable)}", "FCVM_VMM": "auto"}
+    err = _one_line_125(fcvm("podman", "run", "--name", "t-novmm", test_image, "--", "true",
+                             env=env))  # fmt: skip
+    assert "qemu" in err.lower() or "vmm" in err.lower()

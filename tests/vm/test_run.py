@@ -1,0 +1,140 @@
+"""`fcvm podman run` end to end in a real microVM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fcvm
+from tests.vm.conftest import fcvm_vmm_processes, vm_dirs
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300), pytest.mark.usefixtures("no_leftovers")]
+
+
+def test_hello_world(test_image: str) -> None:
+    proc = fcvm("podman", "run", "--name", "t-hello", test_image, "--", "echo", "hello world")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello world\n"
+    assert proc.stderr == ""  # fcvm says nothing of itself unless FCVM_LOG asks
+
+
+def test_exit_code_and_separate_streams(test_image: str) -> None:
+    proc = fcvm("podman", "run", "--name", "t-exit", "--cmd",
+                "sh -c 'echo out; echo err >&2; exit 42'", test_image)  # fmt: skip
+    assert proc.returncode == 42
+    assert proc.stdout == "out\n"
+    assert proc.stderr == "err\n"
+
+
+def test_env_cpu_mem_reach_the_guest(test_image: str) -> None:
+    proc = fcvm("podman", "run", "--name", "t-env", "--env", "A=1,B=two words", "-e", "C=3",
+                "--cpu", "2", "--mem", "768", test_image, "--",
+                "sh", "-c", 'echo "$A|$B|$C"; nproc; grep MemTotal /proc/meminfo; hostname')  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "1|two words|3"
+    assert lines[1] == "2"
+    mem_kib = int(lines[2].split()[1])
+    assert 600 * 1024 < mem_kib <= 768 * 1024
+    assert lines[3] == "t-env"
+
+
+@pytest.mark.parametrize("kind", ["oci-archive", "docker-archive"])
+def test_image_from_archive(kind: str, image_archives: dict[str, Path]) -> None:
+    proc = fcvm("podman", "run", "--name", f"t-{kind}", f"{kind}:{image_archives[kind]}",
+                "--", "sh", "-c", "echo from $0", kind)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"from {kind}\n"
+
+
+def _start(name: str, image: str, *cmd: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name, image, "--", *cmd],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_running(name: str, timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in json.loads(fcvm("ls", "--json", check=True).stdout):
+            if rec["name"] == name and rec["status"] == "running":
+                return rec  # type: ignore[no-any-return]
+        time.sleep(0.3)
+    raise AssertionError(f"{name} never reached running")
+
+
+def test_two_vms_at_once_and_ls_json(test_image: str) -> None:
+    a = _start("t-two-a", test_image, "sh", "-c", "sleep 4; echo a")
+    b = _start("t-two-b", test_image, "sh", "-c", "sleep 4; echo b")
+    try:
+        rec_a, rec_b = _wait_running("t-two-a"), _wait_running("t-two-b")
+        assert rec_a["pid"] == a.pid and rec_b["pid"] == b.pid
+        assert rec_a["vmm"] in ("qemu", "firecracker")
+        assert rec_a["image"] == test_image and rec_a["cpus"] == 1 and rec_a["mem_mib"] == 1024
+        only_a = json.loads(fcvm("ls", "--json", "--pid", str(a.pid), check=True).stdout)
+        assert [r["name"] for r in only_a] == ["t-two-a"]
+        dup = fcvm("podman", "run", "--name", "t-two-a", test_image, "--", "true")
+        assert dup.returncode == 125
+        assert "already running" in dup.stderr and len(dup.stderr.strip().splitlines()) == 1
+        assert a.communicate(timeout=120)[0] == "a\n"
+        assert b.communicate(timeout=120)[0] == "b\n"
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert a.returncode == 0 and b.returncode == 0
+    names = [r["name"] for r in json.loads(fcvm("ls", "--json", check=True).stdout)]
+    assert "t-two-a" not in names and "t-two-b" not in names
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_to_fcvm_stops_everything(test_image: str, sig: int, code: int) -> None:
+    name = f"t-sig{sig}"
+    p = _start(name, test_image, "sleep", "600")
+    try:
+        _wait_running(name)
+        p.send_signal(sig)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == code
+
+
+def test_killed_vmm_ends_the_run(test_image: str) -> None:
+    p = _start("t-vmmkill", test_image, "sleep", "600")
+    try:
+        rec = _wait_running("t-vmmkill")
+        os.kill(int(rec["vmm_pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 125
+    assert "stopped unexpectedly" in err
+
+
+def test_kill9_of_fcvm_is_reaped_by_next_command(test_image: str) -> None:
+    p = _start("t-kill9", test_image, "sleep", "600")
+    rec = _wait_running("t-kill9")
+    p.kill()
+    p.wait()
+    # The VMM dies with its parent (PDEATHSIG)...
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(rec["vm_id"] in c for c in fcvm_vmm_processes()):
+        time.sleep(0.1)
+    assert not any(str(rec["vm_id"]) in c for c in fcvm_vmm_processes())
+    # ...and the next fcvm command removes the record and directory.
+    assert str(rec["vm_id"]) in vm_dirs()
+    listed = json.loads(fcvm("ls", "--json", check=True).stdout)
+    assert all(r["name"] != "t-kill9" for r in listed)
+    assert str(rec["vm_id"]) not in vm_dirs()
