@@ -34,9 +34,10 @@ def test_exit_code_and_separate_streams(test_image: str) -> None:
 
 
 def test_env_cpu_mem_reach_the_guest(test_image: str) -> None:
+    script = 'echo "$A|$B|$C"; nproc; grep MemTotal /proc/meminfo; hostname'
     proc = fcvm("podman", "run", "--name", "t-env", "--env", "A=1,B=two words", "-e", "C=3",
                 "--cpu", "2", "--mem", "768", test_image, "--",
-                "sh", "-c", 'echo "$A|$B|$C"; nproc; grep MemTotal /proc/meminfo; hostname')  # fmt: skip
+                "sh", "-c", script)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "1|two words|3"
