@@ -19,7 +19,7 @@ from typing import Any
 
 from fcvm import images, log, paths, state
 from fcvm.agent import protocol as p
-from fcvm.errors import GuestError
+from fcvm.errors import GuestError, ProtocolError
 from fcvm.plan import RunPlan
 from fcvm.remote import LocalStdio, run_remote
 from fcvm.vmm.base import Drive, VmConfig, Vmm
@@ -165,6 +165,9 @@ class Run:
                 f"the guest agent did not answer within {BOOT_TIMEOUT:.0f}s",
                 hint=_detail(vmm),
             ) from None
+        except (ProtocolError, ConnectionError) as exc:
+            await asyncio.sleep(0.2)  # let the console log catch up for the message
+            raise GuestError(f"no session with the guest agent: {exc}", hint=_detail(vmm)) from None
         self.timings.mark("agent-ready")
         state.update(record, status="running")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import time
@@ -55,13 +56,26 @@ def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
     proc.wait()
 
 
-def log_tail(path: Path | None, lines: int = 5) -> str:
-    """Last lines of a VMM/console log, for error messages."""
+_KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]\s?")
+_NOISE = re.compile(r"^(R[A-Z0-9]{2}:|Code:|Call Trace|<TASK>|</TASK>|\? |CPU: |Hardware name|"
+                    r"dump_stack|panic\+|do_exit|do_group_exit|__x64|do_syscall|entry_SYSCALL)")
+
+
+def log_tail(path: Path | None, lines: int = 4) -> str:
+    """The informative end of a VMM/console log, for error messages.
+
+    Kernel register dumps and stack traces are dropped: what a user needs is the
+    last thing the guest said (an agent error, a panic reason), not the registers.
+    """
     if path is None:
         return ""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
-    tail = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
-    return " | ".join(tail)
+    useful = []
+    for raw in text.splitlines():
+        line = _KERNEL_LINE.sub("", raw).strip()
+        if line and not _NOISE.match(line) and not line.startswith("Kernel Offset"):
+            useful.append(line)
+    return " | ".join(useful[-lines:])
