@@ -193,6 +193,13 @@ def has_pvh_note(vmlinux: Path) -> bool:
     data = vmlinux.read_bytes()
     if data[:4] != ELF_MAGIC or data[4] != 2:
         return False
+    try:
+        return _find_pvh_note(data)
+    except (struct.error, OverflowError):  # truncated or malformed ELF
+        return False
+
+
+def _find_pvh_note(data: bytes) -> bool:
     (e_phoff,) = struct.unpack_from("<Q", data, 0x20)
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
     for i in range(e_phnum):
