@@ -1,0 +1,161 @@
+"""On-disk layout of one snapshot: ``paths.snapshot_dir(NAME)/``.
+
+    meta.json     SnapshotMeta (below), written last: a directory without it is incomplete
+    memory        guest memory, the regions laid end to end (Firecracker's memory file)
+    vmstate       the VMM's device/vCPU state file
+    disk-<id>     one file per drive, a reflink copy taken while the VM was paused
+    workingset    first-touch working set recorded by the page server (snapshot/workingset.py)
+
+`fcvm snapshot serve` needs only ``meta.json`` and ``memory``; `snapshot create` (a later
+issue) fills the rest. Names are short and path-safe because the page server's socket
+path (``paths.serve_dir()/NAME.sock``) must fit in 107 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcvm import paths
+from fcvm.errors import FcvmError
+
+META_FILE = "meta.json"
+MEMORY_FILE = "memory"
+VMSTATE_FILE = "vmstate"
+WORKINGSET_FILE = "workingset"
+DISK_PREFIX = "disk-"
+META_VERSION = 1
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class SnapshotError(FcvmError):
+    """A snapshot is missing, incomplete or malformed."""
+
+
+class SnapshotNotFound(SnapshotError):
+    """No snapshot of that name."""
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise SnapshotError(
+            f"invalid snapshot name {name!r}",
+            hint="1-64 characters: letters, digits, '_', '.', '-'; starting with a letter or digit",
+        )
+    return name
+
+
+@dataclass
+class SnapshotMeta:
+    """meta.json: what the snapshot is and how to restore it."""
+
+    name: str
+    version: int = META_VERSION
+    created: float = field(default_factory=time.time)
+    vmm: str = ""  # "firecracker" | "qemu"
+    memory_size: int = 0  # bytes in the memory file
+    mem_mib: int = 0
+    cpus: int = 0
+    page_size: int = 4096  # guest memory page size (2 MiB with huge pages)
+    plan_key: str = ""  # the run plan's cache key, when the snapshot is a run cache
+    source_vm: str = ""  # vm_id it was taken from, if any
+    disks: dict[str, str] = field(default_factory=dict)  # drive id -> file name in the dir
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SnapshotMeta:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class SnapshotLayout:
+    """The files of one snapshot directory."""
+
+    name: str
+    dir: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / META_FILE
+
+    @property
+    def memory(self) -> Path:
+        return self.dir / MEMORY_FILE
+
+    @property
+    def vmstate(self) -> Path:
+        return self.dir / VMSTATE_FILE
+
+    @property
+    def workingset(self) -> Path:
+        return self.dir / WORKINGSET_FILE
+
+    def disk(self, drive_id: str) -> Path:
+        return self.dir / f"{DISK_PREFIX}{drive_id}"
+
+    def exists(self) -> bool:
+        return self.meta.is_file()
+
+
+def layout(name: str) -> SnapshotLayout:
+    return SnapshotLayout(name=validate_name(name), dir=paths.snapshot_dir(name))
+
+
+def save_meta(snap: SnapshotLayout, meta: SnapshotMeta) -> None:
+    """Atomically write meta.json (temp file, fsync, rename); creates the directory."""
+    snap.dir.mkdir(parents=True, exist_ok=True)
+    tmp = snap.meta.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(meta.to_json(), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, snap.meta)
+
+
+def load_meta(snap: SnapshotLayout) -> SnapshotMeta:
+    try:
+        data = json.loads(snap.meta.read_text())
+    except FileNotFoundError:
+        raise SnapshotNotFound(f"no snapshot named {snap.name!r}") from None
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"snapshot {snap.name!r}: unreadable {META_FILE}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SnapshotError(f"snapshot {snap.name!r}: {META_FILE} is not a JSON object")
+    try:
+        return SnapshotMeta.from_json(data)
+    except TypeError as exc:
+        raise SnapshotError(f"snapshot {snap.name!r}: bad {META_FILE}: {exc}") from None
+
+
+def open_snapshot(name: str) -> tuple[SnapshotLayout, SnapshotMeta]:
+    """The layout and metadata of an existing snapshot (SnapshotNotFound otherwise)."""
+    snap = layout(name)
+    return snap, load_meta(snap)
+
+
+def list_snapshots() -> list[tuple[SnapshotLayout, SnapshotMeta | None]]:
+    """Every snapshot directory, with its metadata (None when incomplete or unreadable)."""
+    root = paths.snapshots_dir()
+    if not root.is_dir():
+        return []
+    out: list[tuple[SnapshotLayout, SnapshotMeta | None]] = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir() or not _NAME_RE.fullmatch(entry.name):
+            continue
+        snap = SnapshotLayout(name=entry.name, dir=entry)
+        try:
+            meta: SnapshotMeta | None = load_meta(snap)
+        except SnapshotError:
+            meta = None
+        out.append((snap, meta))
+    return out

@@ -1,0 +1,892 @@
+"""The userfaultfd page server: hands a snapshot's memory to VMs page by page.
+
+Protocol (Firecracker's `mem_backend: {backend_type: Uffd}`, see
+docs/snapshotting/handling-page-faults-on-snapshot-resume.md): the VMM connects to our
+Unix socket and sends, in one message, a JSON array of regions
+``{base_host_virt_addr, size, offset, page_size}`` with its userfaultfd as SCM_RIGHTS,
+then keeps the socket open and never writes to it again. From then on every first
+touch of a guest page is a UFFD_EVENT_PAGEFAULT that we answer with UFFDIO_COPY from
+the memory file (UFFDIO_ZEROPAGE when the source is all zeros).
+
+One thread, one epoll set. Per VM (a "peer") we keep a byte per page of the memory
+file: 0 missing, 1 present, 2 removed (UFFD_EVENT_REMOVE: later faults get zeros), 3
+unmapped. Block serving copies the aligned block around the fault in one ioctl.
+Faulted blocks are recorded; when a VM goes away its first-touch working set is merged
+into the snapshot's ``workingset`` file, and later VMs get that set copied in eagerly at
+connect time (in chunks, between fault events, so faults are never starved).
+
+A VM is gone when its process exits (pidfd from SO_PEERCRED's pid), or, when its pid
+is not visible to us, when it closes the socket, or when the uffd reports HUP/ERR, or
+an ioctl says its mm is gone (ESRCH). Bad handshakes are refused with a logged reason;
+the server keeps serving everyone else.
+
+On stop() with VMs still attached the server first "drains": it copies in every page
+they have not received yet and unregisters their memory, so they keep running without
+it (a VM whose handler disappears otherwise hangs at its next fault). A second stop()
+exits at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import errno
+import itertools
+import json
+import mmap
+import os
+import re
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcvm.log import get
+from fcvm.snapshot import uffd, workingset
+from fcvm.snapshot.uffd import (
+    MSG,
+    MSG_SIZE,
+    UFFD_EVENT_FORK,
+    UFFD_EVENT_PAGEFAULT,
+    UFFD_EVENT_REMAP,
+    UFFD_EVENT_REMOVE,
+    UFFD_EVENT_UNMAP,
+)
+
+log = get("snapshot.pageserver")
+
+PAGE = 4096
+PAGE_SHIFT = 12
+MAX_HANDSHAKE = 64 * 1024
+MAX_FDS = 8
+PREFETCH_CHUNK = 2 << 20
+READ_EVENTS = 64
+# peer.state values
+MISSING, PRESENT, REMOVED, UNMAPPED = 0, 1, 2, 3
+_MISSING_RUN = re.compile(b"\x00+")
+_TOUCHED_RUN = re.compile(b"\x01+")
+_UCRED = struct.Struct("3i")
+
+_EPOLLIN = select.EPOLLIN
+_EPOLLBAD = select.EPOLLHUP | select.EPOLLERR
+
+
+class HandshakeError(Exception):
+    """A connection's handshake is unacceptable; the message is the logged reason."""
+
+
+@dataclass(slots=True)
+class Region:
+    """One guest memory region as the VMM sees it (host virtual addresses)."""
+
+    base: int
+    size: int
+    offset: int  # in the memory file
+    page_size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+def parse_regions(payload: bytes, file_size: int) -> list[Region]:
+    """Validate Firecracker's handshake JSON against a memory file of file_size bytes."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HandshakeError(f"malformed JSON ({exc})") from None
+    if not isinstance(data, list) or not data:
+        raise HandshakeError("expected a non-empty JSON array of memory regions")
+    regions = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise HandshakeError(f"region {i} is not a JSON object")
+
+        def num(key: str, item: dict[str, Any] = item, i: int = i) -> int:
+            value = item.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise HandshakeError(f"region {i}: {key!r} missing or not a non-negative integer")
+            return value
+
+        base, size, offset = num("base_host_virt_addr"), num("size"), num("offset")
+        # page_size is in bytes; page_size_kib is its deprecated alias (also bytes in
+        # current Firecracker, KiB in old ones); absent in the oldest: 4 KiB.
+        if "page_size" in item:
+            page_size = num("page_size")
+        elif "page_size_kib" in item:
+            page_size = num("page_size_kib")
+            if page_size < PAGE:
+                page_size *= 1024
+        else:
+            page_size = PAGE
+        if page_size < PAGE or page_size & (page_size - 1) or page_size > 1 << 30:
+            raise HandshakeError(f"region {i}: unsupported page size {page_size}")
+        if size == 0 or size % page_size or base % page_size or offset % page_size:
+            raise HandshakeError(
+                f"region {i}: base, size and offset must be multiples of the page size "
+                f"{page_size} (base {base:#x}, size {size:#x}, offset {offset:#x})"
+            )
+        if base + size > 1 << 64:
+            raise HandshakeError(f"region {i}: address range overflows")
+        if offset + size > file_size:
+            raise HandshakeError(
+                f"region {i} (offset {offset:#x}, size {size:#x}) lies beyond the memory "
+                f"file ({file_size:#x} bytes)"
+            )
+        regions.append(Region(base, size, offset, page_size))
+    for key in ("base", "offset"):
+        spans = sorted((getattr(r, key), getattr(r, key) + r.size) for r in regions)
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            if start < end:
+                what = "addresses" if key == "base" else "memory file ranges"
+                raise HandshakeError(f"regions overlap ({what})")
+    regions.sort(key=lambda r: r.base)
+    return regions
+
+
+@dataclass(eq=False)
+class _Peer:
+    ident: int
+    uffd: int
+    conn: socket.socket | None
+    pid: int
+    regions: list[Region]
+    state: bytearray
+    touched: bytearray | None
+    pidfd: int = -1
+    prefetch: Iterator[tuple[Region, int, int]] | None = None
+    prefetch_current: tuple[Region, int, int] | None = None
+    draining: bool = False
+    retry: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    faults: int = 0
+    pages_served: int = 0
+    pages_prefetched: int = 0
+    removes: int = 0
+
+    def label(self) -> str:
+        return f"vm#{self.ident} (pid {self.pid or '?'})"
+
+
+@dataclass
+class _Pending:
+    conn: socket.socket
+    deadline: float
+
+
+class PageServer:
+    """Serve one memory file to any number of VMs over a Unix socket.
+
+    block_size: bytes copied per fault (a power of two >= 4096; regions with larger
+    pages use their page size). prefetch: copy the recorded working set in at connect.
+    record: merge each VM's first-touch set into `workingset_path` when it goes away.
+    """
+
+    def __init__(
+        self,
+        memory: Path,
+        socket_path: Path,
+        *,
+        block_size: int = PAGE,
+        prefetch: bool = True,
+        record: bool = True,
+        workingset_path: Path | None = None,
+        zero_pages: bool = True,
+        handshake_timeout: float = 5.0,
+        drain_timeout: float = 60.0,
+    ) -> None:
+        if block_size < PAGE or block_size & (block_size - 1):
+            raise ValueError(f"block size must be a power of two >= {PAGE}: {block_size}")
+        self.memory = Path(memory)
+        self.socket_path = Path(socket_path)
+        self.block_size = block_size
+        self.prefetch_enabled = prefetch
+        self.record = record
+        self.workingset_path = workingset_path
+        self.zero_pages = zero_pages
+        self.handshake_timeout = handshake_timeout
+        self.drain_timeout = drain_timeout
+
+        self.file_size = 0
+        self.npages = 0
+        self._addr = 0  # the memory file's read-only mapping
+        self._zero_addr = self._zero_len = 0
+        self._view: memoryview | None = None
+        self._zeros = memoryview(b"")
+        self._ws: bytearray | None = None
+        self._ep: select.epoll | None = None
+        self._listener: socket.socket | None = None
+        self._wake_r = self._wake_w = -1
+        self._handlers: dict[int, Callable[[int], None]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._peers: dict[int, _Peer] = {}  # by uffd
+        self._busy: list[_Peer] = []  # peers with prefetch or retry work
+        self._next_ident = 1
+        self._stop_requests = 0
+        self._drain_deadline = 0.0
+        self._res = uffd.Resolver()
+        self._ones = b"\x01" * (max(block_size, PREFETCH_CHUNK) // PAGE)
+        self.refusals: collections.deque[str] = collections.deque(maxlen=100)
+        self.counters: dict[str, int] = collections.Counter()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Map the memory file, bind and listen. Separate from serve_forever so the
+        caller can print the socket path only once it accepts connections."""
+        self._map_memory()
+        if self.workingset_path is not None and self.prefetch_enabled:
+            self._ws = workingset.load(self.workingset_path, self.memory)
+            if self._ws is not None:
+                log.info("prefetching %d recorded pages into each VM", workingset.count(self._ws))
+        self._ep = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._add(self._wake_r, _EPOLLIN, self._on_wake)
+        self._listener = _listen(self.socket_path)
+        self._add(self._listener.fileno(), _EPOLLIN, self._on_accept)
+
+    def close(self) -> None:
+        for peer in list(self._peers.values()):
+            self._drop(peer, "server stopping", quiet=True)
+        for pend in list(self._pending.values()):
+            pend.conn.close()
+        self._pending.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
+        self._handlers.clear()
+        self._unmap_memory()
+
+    def __enter__(self) -> PageServer:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        """Ask serve_forever to return (drains attached VMs first; twice: at once).
+        Safe from a signal handler or another thread."""
+        self._stop_requests += 1
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def serve_forever(self) -> None:
+        assert self._ep is not None, "call open() first"
+        ep = self._ep
+        handlers = self._handlers
+        while True:
+            if self._stop_requests and not self._begin_or_continue_drain():
+                return
+            if self._busy:
+                timeout = 0.0
+            elif self._pending:
+                first = min(p.deadline for p in self._pending.values())
+                timeout = max(0.0, first - time.monotonic())
+            else:
+                timeout = -1
+            for fd, mask in ep.poll(timeout):
+                handler = handlers.get(fd)
+                if handler is not None:
+                    handler(mask)
+            if self._busy:
+                self._background_step()
+            if self._pending:
+                self._expire_handshakes()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "peers": len(self._peers),
+            "peer_pids": sorted(p.pid for p in self._peers.values()),
+            "pending_handshakes": len(self._pending),
+            "refusals": list(self.refusals),
+            "workingset_pages": workingset.count(self._ws) if self._ws is not None else 0,
+            **self.counters,
+        }
+
+    # --- memory file -----------------------------------------------------------------
+
+    def _map_memory(self) -> None:
+        fd = os.open(self.memory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0 or size % PAGE:
+                raise ValueError(f"{self.memory}: size {size} is not a non-zero multiple of 4 KiB")
+            libc = _libc()
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap {self.memory}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        self._addr = int(addr)
+        self.file_size = size
+        self.npages = size // PAGE
+        self._view = memoryview((ctypes.c_ubyte * size).from_address(self._addr)).cast("B")
+        self._zeros = memoryview(bytes(max(self.block_size, PREFETCH_CHUNK)))
+
+    def _unmap_memory(self) -> None:
+        if self._addr:
+            if self._view is not None:
+                self._view.release()
+                self._view = None
+            _libc().munmap(ctypes.c_void_p(self._addr), self.file_size)
+            self._addr = 0
+        if self._zero_addr:
+            _libc().munmap(ctypes.c_void_p(self._zero_addr), self._zero_len)
+            self._zero_addr = self._zero_len = 0
+
+    # --- epoll plumbing --------------------------------------------------------------
+
+    def _add(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
+        assert self._ep is not None
+        self._ep.register(fd, mask)
+        self._handlers[fd] = handler
+
+    def _remove(self, fd: int) -> None:
+        self._handlers.pop(fd, None)
+        if self._ep is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
+
+    def _on_wake(self, mask: int) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
+
+    # --- connections and handshakes --------------------------------------------------
+
+    def _on_accept(self, mask: int) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            conn.setblocking(False)
+            fd = conn.fileno()
+            self._pending[fd] = _Pending(conn, time.monotonic() + self.handshake_timeout)
+            self._add(fd, _EPOLLIN, self._handshake_handler(fd))
+
+    def _handshake_handler(self, fd: int) -> Callable[[int], None]:
+        return lambda mask: self._on_handshake(fd)
+
+    def _on_handshake(self, fd: int) -> None:
+        pend = self._pending.pop(fd)
+        self._remove(fd)
+        conn = pend.conn
+        pid = _peer_pid(conn)
+        fds: list[int] = []
+        try:
+            try:
+                msg, fds, flags, _ = socket.recv_fds(conn, MAX_HANDSHAKE, MAX_FDS)
+            except BlockingIOError:  # spurious wakeup
+                self._pending[fd] = pend
+                self._add(fd, _EPOLLIN, self._handshake_handler(fd))
+                return
+            except OSError as exc:
+                raise HandshakeError(f"receiving the handshake failed: {exc}") from None
+            if flags & socket.MSG_CTRUNC:
+                raise HandshakeError("too many descriptors in the handshake")
+            if not msg and not fds:
+                raise HandshakeError("closed the connection without sending its memory regions")
+            if len(fds) != 1:
+                raise HandshakeError(
+                    f"expected exactly one userfaultfd as SCM_RIGHTS, got {len(fds)} descriptors"
+                )
+            if not uffd.is_userfaultfd(fds[0]):
+                raise HandshakeError("the descriptor sent is not a userfaultfd")
+            if len(msg) >= MAX_HANDSHAKE:
+                raise HandshakeError(f"handshake larger than {MAX_HANDSHAKE} bytes")
+            regions = parse_regions(msg, self.file_size)
+        except HandshakeError as exc:
+            for extra in fds:
+                os.close(extra)
+            self._refuse(conn, pid, str(exc))
+            return
+        self._attach(fds[0], conn, pid, regions)
+
+    def _refuse(self, conn: socket.socket, pid: int, reason: str) -> None:
+        who = f"pid {pid}" if pid else "unknown peer"
+        log.warning("refused connection from %s: %s", who, reason)
+        self.refusals.append(reason)
+        self.counters["refused"] += 1
+        conn.close()
+
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        for fd, pend in list(self._pending.items()):
+            if pend.deadline <= now:
+                del self._pending[fd]
+                self._remove(fd)
+                reason = f"no handshake within {self.handshake_timeout:g} s"
+                self._refuse(pend.conn, _peer_pid(pend.conn), reason)
+
+    def _attach(
+        self,
+        ufd: int,
+        conn: socket.socket | None,
+        pid: int,
+        regions: list[Region],
+        state: bytearray | None = None,
+    ) -> _Peer:
+        touched = bytearray(self.npages) if self.record else None
+        peer = _Peer(
+            ident=self._next_ident,
+            uffd=ufd,
+            conn=conn,
+            pid=pid,
+            regions=regions,
+            state=state if state is not None else bytearray(self.npages),
+            touched=touched,
+        )
+        self._next_ident += 1
+        self._peers[ufd] = peer
+        self.counters["peers_total"] += 1
+        self._add(ufd, _EPOLLIN, lambda m: self._on_uffd(peer, m))
+        if conn is not None:
+            self._add(conn.fileno(), _EPOLLIN | select.EPOLLRDHUP, lambda m: self._on_conn(peer))
+        if pid > 0:
+            try:
+                peer.pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                log.debug("pidfd_open(%d): %s; relying on the socket", pid, exc)
+            else:
+                self._add(peer.pidfd, _EPOLLIN, lambda m: self._drop(peer, "process exited"))
+        total = sum(r.size for r in regions)
+        log.info("%s attached: %d region(s), %d MiB", peer.label(), len(regions), total >> 20)
+        if self._ws is not None and self.prefetch_enabled and state is None:
+            peer.prefetch = self._chunks(peer, self._ws)
+            self._busy.append(peer)
+        return peer
+
+    def _on_conn(self, peer: _Peer) -> None:
+        assert peer.conn is not None
+        try:
+            data = peer.conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # Firecracker sends nothing after the handshake; ignore extras
+        self._remove(peer.conn.fileno())
+        peer.conn.close()
+        peer.conn = None
+        if peer.pidfd < 0:
+            self._drop(peer, "closed its socket")
+
+    def _drop(self, peer: _Peer, why: str, *, quiet: bool = False) -> None:
+        if self._peers.pop(peer.uffd, None) is None:
+            return
+        self._remove(peer.uffd)
+        os.close(peer.uffd)
+        if peer.conn is not None:
+            self._remove(peer.conn.fileno())
+            peer.conn.close()
+        if peer.pidfd >= 0:
+            self._remove(peer.pidfd)
+            os.close(peer.pidfd)
+        if peer in self._busy:
+            self._busy.remove(peer)
+        (log.debug if quiet else log.info)(
+            "%s gone (%s): %d faults, %d pages served, %d prefetched, %.1f s",
+            peer.label(),
+            why,
+            peer.faults,
+            peer.pages_served,
+            peer.pages_prefetched,
+            time.monotonic() - peer.started,
+        )
+        self._merge_workingset(peer)
+
+    def _merge_workingset(self, peer: _Peer) -> None:
+        if peer.touched is None or self.workingset_path is None:
+            return
+        if workingset.count(peer.touched) == 0:
+            return
+        old = self._ws
+        if old is None:
+            old = workingset.load(self.workingset_path, self.memory)
+        merged = peer.touched if old is None else workingset.union(old, peer.touched)
+        if old is not None and merged == old:
+            return
+        try:
+            workingset.save(self.workingset_path, self.memory, merged)
+        except OSError as exc:
+            log.warning("cannot save working set %s: %s", self.workingset_path, exc)
+            return
+        if self.prefetch_enabled:
+            self._ws = merged
+        self.counters["workingset_saves"] += 1
+
+    # --- faults and events: the hot path ---------------------------------------------
+
+    def _on_uffd(self, peer: _Peer, mask: int) -> None:
+        try:
+            data = os.read(peer.uffd, MSG_SIZE * READ_EVENTS)
+        except BlockingIOError:
+            if mask & _EPOLLBAD:
+                self._drop(peer, "userfaultfd hung up")
+            return
+        except OSError as exc:
+            self._drop(peer, f"reading its userfaultfd failed: {exc}")
+            return
+        if len(data) % MSG_SIZE:
+            data = data[: len(data) - len(data) % MSG_SIZE]
+        fault = self._fault
+        for kind, a, b, c in MSG.iter_unpack(data):
+            if kind == UFFD_EVENT_PAGEFAULT:
+                fault(peer, b)
+            else:
+                self._event(peer, kind, a, b, c)
+            if peer.uffd not in self._peers:
+                return
+        if peer.retry and peer not in self._busy:
+            self._busy.append(peer)
+
+    def _fault(self, peer: _Peer, addr: int) -> None:
+        for r in peer.regions:
+            if r.base <= addr < r.base + r.size:
+                break
+        else:
+            self.counters["faults_outside"] += 1
+            log.warning("%s: fault at %#x outside its regions", peer.label(), addr)
+            return
+        peer.faults += 1
+        bs = self.block_size if self.block_size > r.page_size else r.page_size
+        rel = (addr - r.base) & -bs
+        length = bs if rel + bs <= r.size else r.size - rel
+        foff = r.offset + rel
+        pg = foff >> PAGE_SHIFT
+        n = length >> PAGE_SHIFT
+        state = peer.state
+        if (state[pg] == 0) if n == 1 else (state.count(0, pg, pg + n) == n):
+            dst = r.base + rel
+            assert self._view is not None
+            if (
+                self.zero_pages
+                and r.page_size == PAGE
+                and (self._view[foff : foff + length] == self._zeros[:length])
+            ):
+                done, err = self._res.zeropage(peer.uffd, dst, length)
+                kind = "pages_zero"
+            else:
+                done, err = self._res.copy(peer.uffd, dst, self._addr + foff, length)
+                kind = "pages_copied"
+            if not err:
+                state[pg : pg + n] = self._ones[:n]
+                if peer.touched is not None:
+                    peer.touched[pg : pg + n] = self._ones[:n]
+                peer.pages_served += n
+                self.counters[kind] += n
+                return
+            if done:
+                k = done >> PAGE_SHIFT
+                state[pg : pg + k] = self._ones[:k]
+            if err == errno.EAGAIN:
+                peer.retry.append(addr)
+                return
+            if err == errno.ESRCH:
+                self._drop(peer, "its memory is gone")
+                return
+            if err != errno.EEXIST:
+                self._copy_failed(peer, addr, err)
+                return
+        self._fault_page(peer, r, addr)
+
+    def _fault_page(self, peer: _Peer, r: Region, addr: int) -> None:
+        """Slow path: one page, honouring removed/present state."""
+        ps = r.page_size
+        rel = (addr - r.base) & -ps
+        dst = r.base + rel
+        foff = r.offset + rel
+        pg = foff >> PAGE_SHIFT
+        n = ps >> PAGE_SHIFT
+        state = peer.state
+        if REMOVED in state[pg : pg + n]:
+            if ps == PAGE:
+                _, err = self._res.zeropage(peer.uffd, dst, ps)
+            else:  # hugetlbfs has no ZEROPAGE: copy zeros
+                _, err = self._res.copy(peer.uffd, dst, self._zero_source(ps), ps)
+            kind = "pages_zero"
+        else:
+            _, err = self._res.copy(peer.uffd, dst, self._addr + foff, ps)
+            kind = "pages_copied"
+        if not err:
+            state[pg : pg + n] = self._ones[:n]
+            if peer.touched is not None:
+                peer.touched[pg : pg + n] = self._ones[:n]
+            peer.pages_served += n
+            self.counters[kind] += n
+        elif err == errno.EEXIST:
+            # Already there (a racing fault, or a block/prefetch copy): wake the waiter.
+            state[pg : pg + n] = self._ones[:n]
+            self.counters["eexist"] += 1
+            with contextlib.suppress(OSError):
+                uffd.wake(peer.uffd, dst, ps)
+        elif err == errno.EAGAIN:
+            peer.retry.append(addr)
+        elif err == errno.ESRCH:
+            self._drop(peer, "its memory is gone")
+        else:
+            self._copy_failed(peer, addr, err)
+
+    def _copy_failed(self, peer: _Peer, addr: int, err: int) -> None:
+        # ENOENT/EFAULT: the range is no longer mapped (munmap raced the fault).
+        self.counters["copy_errors"] += 1
+        log.warning(
+            "%s: resolving the fault at %#x failed: %s", peer.label(), addr, os.strerror(err)
+        )
+
+    def _zero_source(self, length: int) -> int:
+        """Address of at least `length` readable zero bytes (an untouched anonymous map)."""
+        if self._zero_len < length:
+            libc = _libc()
+            if self._zero_addr:
+                libc.munmap(ctypes.c_void_p(self._zero_addr), self._zero_len)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            addr = libc.mmap(None, length, mmap.PROT_READ, flags, -1, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), "mmap of a zero source failed")
+            self._zero_addr, self._zero_len = int(addr), length
+        return self._zero_addr
+
+    def _event(self, peer: _Peer, kind: int, a: int, b: int, c: int) -> None:
+        self.counters["events"] += 1
+        if kind == UFFD_EVENT_REMOVE:
+            peer.removes += 1
+            self.counters["removes"] += 1
+            self._mark(peer, a, b, REMOVED)
+        elif kind == UFFD_EVENT_UNMAP:
+            self._mark(peer, a, b, UNMAPPED)
+        elif kind == UFFD_EVENT_REMAP:
+            peer.regions = _remap(peer.regions, a, b, c)
+            log.debug("%s: remap %#x -> %#x (+%#x)", peer.label(), a, b, c)
+        elif kind == UFFD_EVENT_FORK:
+            child = a & 0xFFFFFFFF
+            log.info("%s forked; serving the child's userfaultfd %d too", peer.label(), child)
+            regions = [Region(r.base, r.size, r.offset, r.page_size) for r in peer.regions]
+            self._attach(child, None, 0, regions, state=bytearray(peer.state))
+        else:
+            log.warning("%s: unexpected userfaultfd event %#x", peer.label(), kind)
+
+    def _mark(self, peer: _Peer, start: int, end: int, value: int) -> None:
+        for r in peer.regions:
+            lo, hi = max(start, r.base), min(end, r.base + r.size)
+            if lo >= hi:
+                continue
+            pg = (r.offset + lo - r.base) >> PAGE_SHIFT
+            last = (r.offset + hi - r.base + PAGE - 1) >> PAGE_SHIFT
+            peer.state[pg:last] = bytes([value]) * (last - pg)
+
+    # --- prefetch, retries and draining ----------------------------------------------
+
+    def _chunks(self, peer: _Peer, pages: bytes | bytearray) -> Iterator[tuple[Region, int, int]]:
+        """(region, offset in region, length) pieces of `pages` (a 0/1 map of the memory
+        file) that fall inside the peer's regions, each at most PREFETCH_CHUNK long."""
+        for r in list(peer.regions):
+            ps = r.page_size
+            chunk = max(PREFETCH_CHUNK, ps)
+            first, last = r.offset >> PAGE_SHIFT, (r.offset + r.size) >> PAGE_SHIFT
+            for m in _TOUCHED_RUN.finditer(pages, first, last):
+                lo = ((m.start() << PAGE_SHIFT) - r.offset) & -ps
+                hi = min(r.size, -(-((m.end() << PAGE_SHIFT) - r.offset) // ps) * ps)
+                for off in range(lo, hi, chunk):
+                    yield r, off, min(chunk, hi - off)
+
+    def _background_step(self) -> None:
+        """One unit of background work for one busy peer (round robin)."""
+        peer = self._busy.pop(0)
+        if peer.uffd not in self._peers:
+            return
+        if peer.retry:
+            pending, peer.retry = peer.retry, []
+            for addr in pending:
+                self._fault(peer, addr)
+                if peer.uffd not in self._peers:
+                    return
+        work = peer.prefetch_current
+        if work is None and peer.prefetch is not None:
+            work = next(peer.prefetch, None)
+            if work is None:
+                peer.prefetch = None
+                if peer.draining:
+                    self._finish_drain(peer)
+                else:
+                    log.info("%s: prefetch done (%d pages)", peer.label(), peer.pages_prefetched)
+        peer.prefetch_current = None
+        if work is not None:
+            r, off, length = work
+            if not self._prefetch_piece(peer, r, off, length):
+                peer.prefetch_current = work  # EAGAIN: read events, then redo
+        if peer.uffd in self._peers and (peer.retry or peer.prefetch or peer.prefetch_current):
+            self._busy.append(peer)
+
+    def _prefetch_piece(self, peer: _Peer, r: Region, off: int, length: int) -> bool:
+        """Copy the still-missing pages of one piece; False to retry it later."""
+        assert self._view is not None
+        state = peer.state
+        pg0 = (r.offset + off) >> PAGE_SHIFT
+        res = self._res
+        for m in _MISSING_RUN.finditer(state, pg0, pg0 + (length >> PAGE_SHIFT)):
+            pg, end = m.start(), m.end()
+            if r.page_size > PAGE:  # whole huge pages only
+                per = r.page_size >> PAGE_SHIFT
+                pg = -(-(pg - pg0) // per) * per + pg0
+                end = (end - pg0) // per * per + pg0
+            while pg < end:
+                foff = pg << PAGE_SHIFT
+                dst = r.base + foff - r.offset
+                nbytes = (end - pg) << PAGE_SHIFT
+                if (
+                    self.zero_pages
+                    and r.page_size == PAGE
+                    and (self._view[foff : foff + nbytes] == self._zeros[:nbytes])
+                ):
+                    done, err = res.zeropage(
+                        peer.uffd, dst, nbytes, uffd.UFFDIO_ZEROPAGE_MODE_DONTWAKE
+                    )
+                else:
+                    done, err = res.copy(
+                        peer.uffd, dst, self._addr + foff, nbytes, uffd.UFFDIO_COPY_MODE_DONTWAKE
+                    )
+                k = done >> PAGE_SHIFT
+                state[pg : pg + k] = b"\x01" * k
+                peer.pages_prefetched += k
+                self.counters["pages_prefetched"] += k
+                pg += k
+                if not err:
+                    continue
+                if err == errno.EEXIST:  # a fault got there first: skip that page
+                    step = r.page_size >> PAGE_SHIFT
+                    state[pg : pg + step] = b"\x01" * step
+                    pg += step
+                elif err == errno.EAGAIN:
+                    return False
+                elif err == errno.ESRCH:
+                    self._drop(peer, "its memory is gone")
+                    return True
+                else:
+                    self._copy_failed(peer, dst, err)
+                    return True
+        return True
+
+    def _begin_or_continue_drain(self) -> bool:
+        """True while attached VMs are still being filled in before exit."""
+        if self._stop_requests > 1 or not self._peers:
+            return False
+        now = time.monotonic()
+        if not self._drain_deadline:
+            self._drain_deadline = now + self.drain_timeout
+            if self._listener is not None:
+                self._remove(self._listener.fileno())
+            log.info("stopping: filling in the memory of %d attached VM(s) first", len(self._peers))
+            everything = b"\x01" * self.npages
+            for peer in list(self._peers.values()):
+                peer.draining = True
+                peer.prefetch = self._chunks(peer, everything)
+                peer.prefetch_current = None
+                if peer not in self._busy:
+                    self._busy.append(peer)
+        elif now > self._drain_deadline:
+            log.warning("drain timed out; %d VM(s) may hang at their next fault", len(self._peers))
+            return False
+        return True
+
+    def _finish_drain(self, peer: _Peer) -> None:
+        """Everything is in: unregister the VM's memory so it never needs us again."""
+        for r in peer.regions:
+            try:
+                uffd.unregister(peer.uffd, r.base, r.size)
+            except OSError as exc:
+                log.warning("%s: unregister %#x failed: %s", peer.label(), r.base, exc)
+        self._drop(peer, "drained")
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _remap(regions: list[Region], src: int, dst: int, length: int) -> list[Region]:
+    """Regions after mremap moved [src, src+length) to dst (splitting where needed)."""
+    out = []
+    for r in regions:
+        lo, hi = max(src, r.base), min(src + length, r.end)
+        if lo >= hi:
+            out.append(r)
+            continue
+        if r.base < lo:
+            out.append(Region(r.base, lo - r.base, r.offset, r.page_size))
+        out.append(Region(dst + (lo - src), hi - lo, r.offset + (lo - r.base), r.page_size))
+        if hi < r.end:
+            out.append(Region(hi, r.end - hi, r.offset + (hi - r.base), r.page_size))
+    out.sort(key=lambda x: x.base)
+    return out
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return 0
+    return int(_UCRED.unpack(creds)[0])
+
+
+def _listen(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket of a dead server
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path} is already being served")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+_libc_cache: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _libc_cache
+    if _libc_cache is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc_cache = libc
+    return _libc_cache
