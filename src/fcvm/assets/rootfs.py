@@ -67,15 +67,21 @@ import sys
 sys.path.insert(0, "/opt/fcvm")
 
 
-def _fatal(msg):
+def _poweroff_if_pid1():
     import os
 
-    print("fcvm-agent: " + msg, file=sys.stderr, flush=True)
     if os.getpid() == 1:  # PID 1 must not exit: power off instead of panicking
         import ctypes
 
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.sync()
         ctypes.CDLL(None).reboot(0x4321FEDC)  # RB_POWER_OFF
+
+
+def _fatal(msg):
+    print("fcvm-agent: " + msg, file=sys.stderr, flush=True)
+    _poweroff_if_pid1()
     sys.exit(1)
 
 
@@ -89,6 +95,7 @@ except SystemExit as exc:
     rc = exc.code
 except BaseException as exc:
     _fatal("crashed: %s: %s" % (type(exc).__name__, exc))
+_poweroff_if_pid1()
 sys.exit(rc)
 """
 
