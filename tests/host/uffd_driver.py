@@ -238,7 +238,7 @@ def _anon(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--socket", type=Path, required=True)
+    ap.add_argument("--socket", type=Path, help="the page server's socket (all but --anon)")
     ap.add_argument("--memory", type=Path, required=True)
     ap.add_argument("--size", type=int, help="bytes of guest memory (default: the file's size)")
     ap.add_argument("--regions", type=int, default=1)
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold", type=float, default=0.0, help="stay attached this long at the end")
     args = ap.parse_args(argv)
 
+    if not args.anon and args.socket is None:
+        ap.error("--socket is required (except with --anon)")
     if args.garbage:
         print(json.dumps(send_garbage(args.socket, args.memory, args.garbage, args.method)))
         return 0

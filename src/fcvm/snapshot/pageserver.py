@@ -40,6 +40,7 @@ import re
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ PAGE = 4096
 PAGE_SHIFT = 12
 MAX_HANDSHAKE = 64 * 1024
 MAX_FDS = 8
-PREFETCH_CHUNK = 2 << 20
+PREFETCH_CHUNK = 1 << 20
 READ_EVENTS = 64
 # peer.state values
 MISSING, PRESENT, REMOVED, UNMAPPED = 0, 1, 2, 3
@@ -159,9 +160,13 @@ class _Peer:
     state: bytearray
     touched: bytearray | None
     pidfd: int = -1
+    # Prefetch/drain work, consumed by the prefetch thread under `lock`; the main
+    # thread takes `lock` (and clears `alive`) before it closes the uffd.
     prefetch: Iterator[tuple[Region, int, int]] | None = None
-    prefetch_current: tuple[Region, int, int] | None = None
+    queued: bool = False
     draining: bool = False
+    alive: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
     retry: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     faults: int = 0
@@ -225,7 +230,9 @@ class PageServer:
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._pending: dict[int, _Pending] = {}
         self._peers: dict[int, _Peer] = {}  # by uffd
-        self._busy: list[_Peer] = []  # peers with prefetch or retry work
+        self._retrying: list[_Peer] = []  # peers with faults to retry after EAGAIN
+        self._prefetcher: _Prefetcher | None = None
+        self._notices: collections.deque[tuple[str, _Peer]] = collections.deque()
         self._next_ident = 1
         self._stop_requests = 0
         self._drain_deadline = 0.0
@@ -269,6 +276,9 @@ class PageServer:
             self._ep.close()
             self._ep = None
         self._handlers.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
         self._unmap_memory()
 
     def __enter__(self) -> PageServer:
@@ -292,8 +302,8 @@ class PageServer:
         while True:
             if self._stop_requests and not self._begin_or_continue_drain():
                 return
-            if self._busy:
-                timeout = 0.0
+            if self._retrying:
+                timeout = 0.001
             elif self._pending:
                 first = min(p.deadline for p in self._pending.values())
                 timeout = max(0.0, first - time.monotonic())
@@ -303,8 +313,8 @@ class PageServer:
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(mask)
-            if self._busy:
-                self._background_step()
+            if self._retrying:
+                self._retry_faults()
             if self._pending:
                 self._expire_handshakes()
 
@@ -366,6 +376,22 @@ class PageServer:
     def _on_wake(self, mask: int) -> None:
         with contextlib.suppress(OSError):
             os.read(self._wake_r, 4096)
+        while self._notices:
+            what, peer = self._notices.popleft()
+            if peer.uffd not in self._peers or self._peers[peer.uffd] is not peer:
+                continue
+            if what == "gone":
+                self._drop(peer, "its memory is gone")
+            elif what == "drained":
+                self._finish_drain(peer)
+            else:
+                log.info("%s: prefetch done (%d pages)", peer.label(), peer.pages_prefetched)
+
+    def _notify(self, what: str, peer: _Peer) -> None:
+        """From the prefetch thread: hand an outcome to the main thread."""
+        self._notices.append((what, peer))
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"n")
 
     # --- connections and handshakes --------------------------------------------------
 
@@ -472,8 +498,7 @@ class PageServer:
         total = sum(r.size for r in regions)
         log.info("%s attached: %d region(s), %d MiB", peer.label(), len(regions), total >> 20)
         if self._ws is not None and self.prefetch_enabled and state is None:
-            peer.prefetch = self._chunks(peer, self._ws)
-            self._busy.append(peer)
+            self._submit(peer, self._chunks(peer, self._ws))
         return peer
 
     def _on_conn(self, peer: _Peer) -> None:
@@ -495,16 +520,18 @@ class PageServer:
     def _drop(self, peer: _Peer, why: str, *, quiet: bool = False) -> None:
         if self._peers.pop(peer.uffd, None) is None:
             return
-        self._remove(peer.uffd)
-        os.close(peer.uffd)
+        peer.alive = False
+        with peer.lock:  # the prefetch thread is not using the uffd now, nor will it
+            self._remove(peer.uffd)
+            os.close(peer.uffd)
         if peer.conn is not None:
             self._remove(peer.conn.fileno())
             peer.conn.close()
         if peer.pidfd >= 0:
             self._remove(peer.pidfd)
             os.close(peer.pidfd)
-        if peer in self._busy:
-            self._busy.remove(peer)
+        if peer in self._retrying:
+            self._retrying.remove(peer)
         (log.debug if quiet else log.info)(
             "%s gone (%s): %d faults, %d pages served, %d prefetched, %.1f s",
             peer.label(),
@@ -558,8 +585,8 @@ class PageServer:
                 self._event(peer, kind, a, b, c)
             if peer.uffd not in self._peers:
                 return
-        if peer.retry and peer not in self._busy:
-            self._busy.append(peer)
+        if peer.retry and peer not in self._retrying:
+            self._retrying.append(peer)
 
     def _fault(self, peer: _Peer, addr: int) -> None:
         for r in peer.regions:
@@ -711,40 +738,37 @@ class PageServer:
                 for off in range(lo, hi, chunk):
                     yield r, off, min(chunk, hi - off)
 
-    def _background_step(self) -> None:
-        """One unit of background work for one busy peer (round robin)."""
-        peer = self._busy.pop(0)
-        if peer.uffd not in self._peers:
-            return
-        if peer.retry:
+    def _submit(self, peer: _Peer, work: Iterator[tuple[Region, int, int]]) -> None:
+        if self._prefetcher is None:
+            self._prefetcher = _Prefetcher(self)
+            self._prefetcher.start()
+        with peer.lock:
+            peer.prefetch = work
+            if peer.queued:
+                return
+            peer.queued = True
+        self._prefetcher.submit(peer)
+
+    def _retry_faults(self) -> None:
+        """Faults that met EAGAIN (the mapping was changing): try them again."""
+        peers, self._retrying = self._retrying, []
+        for peer in peers:
             pending, peer.retry = peer.retry, []
             for addr in pending:
-                self._fault(peer, addr)
                 if peer.uffd not in self._peers:
-                    return
-        work = peer.prefetch_current
-        if work is None and peer.prefetch is not None:
-            work = next(peer.prefetch, None)
-            if work is None:
-                peer.prefetch = None
-                if peer.draining:
-                    self._finish_drain(peer)
-                else:
-                    log.info("%s: prefetch done (%d pages)", peer.label(), peer.pages_prefetched)
-        peer.prefetch_current = None
-        if work is not None:
-            r, off, length = work
-            if not self._prefetch_piece(peer, r, off, length):
-                peer.prefetch_current = work  # EAGAIN: read events, then redo
-        if peer.uffd in self._peers and (peer.retry or peer.prefetch or peer.prefetch_current):
-            self._busy.append(peer)
+                    break
+                self._fault(peer, addr)
+            if peer.retry and peer.uffd in self._peers:
+                self._retrying.append(peer)
 
-    def _prefetch_piece(self, peer: _Peer, r: Region, off: int, length: int) -> bool:
-        """Copy the still-missing pages of one piece; False to retry it later."""
+    def _prefetch_piece(
+        self, peer: _Peer, r: Region, off: int, length: int, res: uffd.Resolver
+    ) -> str:
+        """Copy the still-missing pages of one piece (prefetch thread, peer.lock held).
+        Returns "ok", "again" (EAGAIN: redo later) or "gone"."""
         assert self._view is not None
         state = peer.state
         pg0 = (r.offset + off) >> PAGE_SHIFT
-        res = self._res
         for m in _MISSING_RUN.finditer(state, pg0, pg0 + (length >> PAGE_SHIFT)):
             pg, end = m.start(), m.end()
             if r.page_size > PAGE:  # whole huge pages only
@@ -770,7 +794,7 @@ class PageServer:
                 k = done >> PAGE_SHIFT
                 state[pg : pg + k] = b"\x01" * k
                 peer.pages_prefetched += k
-                self.counters["pages_prefetched"] += k
+                self.counters["pages_prefetched"] += k  # only this thread writes it
                 pg += k
                 if not err:
                     continue
@@ -779,14 +803,13 @@ class PageServer:
                     state[pg : pg + step] = b"\x01" * step
                     pg += step
                 elif err == errno.EAGAIN:
-                    return False
+                    return "again"
                 elif err == errno.ESRCH:
-                    self._drop(peer, "its memory is gone")
-                    return True
+                    return "gone"
                 else:
                     self._copy_failed(peer, dst, err)
-                    return True
-        return True
+                    break
+        return "ok"
 
     def _begin_or_continue_drain(self) -> bool:
         """True while attached VMs are still being filled in before exit."""
@@ -801,10 +824,7 @@ class PageServer:
             everything = b"\x01" * self.npages
             for peer in list(self._peers.values()):
                 peer.draining = True
-                peer.prefetch = self._chunks(peer, everything)
-                peer.prefetch_current = None
-                if peer not in self._busy:
-                    self._busy.append(peer)
+                self._submit(peer, self._chunks(peer, everything))
         elif now > self._drain_deadline:
             log.warning("drain timed out; %d VM(s) may hang at their next fault", len(self._peers))
             return False
@@ -890,3 +910,63 @@ def _libc() -> ctypes.CDLL:
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _libc_cache = libc
     return _libc_cache
+
+
+class _Prefetcher(threading.Thread):
+    """Copies working sets (and, at stop, everything) into VMs beside the main thread,
+    so faults are answered at once even while megabytes are being copied (the ioctl
+    releases the GIL; on more than one core the two run in parallel)."""
+
+    def __init__(self, server: PageServer) -> None:
+        super().__init__(name="fcvm-prefetch", daemon=True)
+        self.server = server
+        self.cv = threading.Condition()
+        self.queue: collections.deque[_Peer] = collections.deque()
+        self.stopping = False
+        self.res = uffd.Resolver()
+
+    def submit(self, peer: _Peer) -> None:
+        with self.cv:
+            self.queue.append(peer)
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.join(10)
+
+    def run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.queue and not self.stopping:
+                    self.cv.wait()
+                if self.stopping:
+                    return
+                peer = self.queue.popleft()
+            try:
+                self._work(peer)
+            except Exception:  # never let one VM's trouble stop prefetching for others
+                log.exception("%s: prefetch failed", peer.label())
+
+    def _work(self, peer: _Peer) -> None:
+        server = self.server
+        again: tuple[Region, int, int] | None = None
+        while not self.stopping:
+            with peer.lock:
+                if not peer.alive:
+                    return
+                work = again or (next(peer.prefetch, None) if peer.prefetch else None)
+                if work is None:
+                    peer.prefetch = None
+                    peer.queued = False
+                    server._notify("drained" if peer.draining else "prefetched", peer)
+                    return
+                outcome = server._prefetch_piece(peer, *work, self.res)
+            again = None
+            if outcome == "again":
+                again = work
+                time.sleep(0.001)  # let the main thread read the pending event
+            elif outcome == "gone":
+                server._notify("gone", peer)
+                return

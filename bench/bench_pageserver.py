@@ -1,0 +1,178 @@
+"""Benchmark: the userfaultfd page server against a C handler and plain anonymous faults.
+
+One run measures, for a memory file (default 512 MiB of random bytes) touched once per
+page sequentially and in random order by a Firecracker-side driver process
+(tests/host/uffd_driver.py):
+
+  anon        first-touch faults on plain anonymous memory (no userfaultfd): the floor
+  c_page      bench/uffd_handler.c, page-at-a-time UFFDIO_COPY (compiled here with gcc)
+  py_page     `fcvm snapshot serve --block-size 4 --no-prefetch`
+  py_block64  `fcvm snapshot serve --block-size 64 --no-prefetch`
+  py_prefetch `fcvm snapshot serve --block-size 64` after one VM recorded the working set
+              (the whole file): measured from the handshake to the last page touched
+
+Rates are pages/s (median of --repeat runs; every run's bytes are verified against
+the file). Ratios are against c_page with the same access pattern, measured in the same
+run. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "host" / "uffd_driver.py"
+C_SOURCE = REPO / "bench" / "uffd_handler.c"
+SNAPSHOT = "bench"
+PATTERNS = ("seq", "random")
+GOALS = {"py_page": 0.8, "py_block64": 5.0, "py_prefetch": 20.0}
+
+
+def make_memory(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    with open(path, "rb") as f:  # warm the page cache
+        while f.read(16 << 20):
+            pass
+
+
+def run_driver(sock: Path | None, memory: Path, pattern: str, seed: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(DRIVER), "--memory", str(memory), "--pattern", pattern]
+    cmd += ["--seed", str(seed)]
+    cmd += ["--anon"] if sock is None else ["--socket", str(sock)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"driver failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if out.get("mismatched_pages"):
+        raise RuntimeError(f"driver saw {out['mismatched_pages']} wrong pages: {out}")
+    return out
+
+
+class Server:
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server {cmd} did not start")
+        self.info = json.loads(line) if line.startswith("{") else {}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, help="default: a temporary directory, removed")
+    args = ap.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fcvm-bench-ps-"))
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / "base"
+    env = {**os.environ, "FCVM_BASE_DIR": str(base), "PYTHONPATH": str(REPO / "src")}
+    env.pop("FCVM_LOG", None)
+    try:
+        sys.path.insert(0, str(REPO / "src"))
+        os.environ["FCVM_BASE_DIR"] = str(base)
+        from fcvm.snapshot import layout
+
+        snap = layout.layout(SNAPSHOT)
+        size = args.size_mib << 20
+        snap.dir.mkdir(parents=True, exist_ok=True)
+        make_memory(snap.memory, size)
+        layout.save_meta(snap, layout.SnapshotMeta(name=SNAPSHOT, memory_size=size))
+        handler = work / "uffd_handler"
+        subprocess.run(["gcc", "-O2", "-o", str(handler), str(C_SOURCE)], check=True)
+
+        py = [sys.executable, "-m", "fcvm", "snapshot", "serve", SNAPSHOT, "--json"]
+        c_sock = work / "c.sock"
+        configs: dict[str, list[str] | None] = {
+            "anon": None,
+            "c_page": [str(handler), str(c_sock), str(snap.memory)],
+            "py_page": [*py, "--block-size", "4", "--no-prefetch", "--no-record"],
+            "py_block64": [*py, "--block-size", "64", "--no-prefetch", "--no-record"],
+            "py_prefetch": [*py, "--block-size", "64"],
+        }
+        samples: dict[str, dict[str, list[float]]] = {
+            name: {p: [] for p in PATTERNS} for name in configs
+        }
+        for rep in range(args.repeat):
+            for name, cmd in configs.items():
+                server = Server(cmd, env) if cmd is not None else None
+                sock: Path | None = None
+                if server is not None:
+                    sock = Path(server.info.get("socket", c_sock))
+                try:
+                    if name == "py_prefetch" and rep == 0:
+                        snap.workingset.unlink(missing_ok=True)
+                        run_driver(sock, snap.memory, "random", 99)  # records the set
+                    for pattern in PATTERNS:
+                        out = run_driver(sock, snap.memory, pattern, rep)
+                        secs = out["connect_to_done_seconds"]
+                        samples[name][pattern].append(out["touched"] / secs)
+                finally:
+                    if server is not None:
+                        server.stop()
+
+        rates = {
+            name: {p: round(statistics.median(v)) for p, v in by.items()}
+            for name, by in samples.items()
+        }
+        ratios = {
+            name: {p: round(rates[name][p] / rates["c_page"][p], 2) for p in PATTERNS}
+            for name in configs
+            if name != "c_page"
+        }
+        goals = {
+            name: {
+                "goal_x_c_page": goal,
+                **{p: ratios[name][p] >= goal for p in PATTERNS},
+            }
+            for name, goal in GOALS.items()
+        }
+        result = {
+            "benchmark": "pageserver",
+            "memory_mib": args.size_mib,
+            "pages": size // 4096,
+            "repeat": args.repeat,
+            "unit": "pages/s (median)",
+            "rates": rates,
+            "ratio_vs_c_page": ratios,
+            "goals_met": goals,
+            "samples": {
+                n: {p: [round(x) for x in v] for p, v in by.items()} for n, by in samples.items()
+            },
+            "host": {"cpus": os.cpu_count(), "kernel": os.uname().release, "time": time.time()},
+        }
+        print(json.dumps(result, indent=1))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
