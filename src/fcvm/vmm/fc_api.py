@@ -69,13 +69,10 @@ def boot_args(config: VmConfig, vsock_port: int) -> str:
     return " ".join(args)
 
 
-def boot_source_request(config: VmConfig, vsock_port: int) -> ApiRequest:
-    body: dict[str, Any] = {
-        "kernel_image_path": str(config.kernel),
-        "boot_args": boot_args(config, vsock_port),
-    }
-    if config.initrd and str(config.initrd):
-        body["initrd_path"] = str(config.initrd)
+def boot_source_request(kernel: Path, boot_args: str, initrd: Path | None = None) -> ApiRequest:
+    body: dict[str, Any] = {"kernel_image_path": str(kernel), "boot_args": boot_args}
+    if initrd is not None:
+        body["initrd_path"] = str(initrd)
     return ApiRequest("PUT", "/boot-source", body)
 
 
@@ -205,7 +202,7 @@ def boot_requests(
     reqs: list[ApiRequest] = []
     if log_path is not None:
         reqs.append(logger_request(log_path))
-    reqs.append(boot_source_request(config, vsock_port))
+    reqs.append(boot_source_request(config.kernel, boot_args(config, vsock_port), config.initrd))
     reqs.append(machine_config_request(config, track_dirty_pages=track_dirty_pages))
     roots = [d for d in config.drives if d.is_root]
     if len(roots) > 1:

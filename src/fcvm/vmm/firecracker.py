@@ -110,7 +110,11 @@ class FirecrackerVmm(Vmm):
         argv = self.argv()
         _log.debug("launching %s", " ".join(argv))
         self._proc = process.spawn(argv, log_path=self.log_path)
-        self._wait_for_api()
+        try:
+            self._wait_for_api()
+        except BaseException:
+            self.stop(timeout=1.0)
+            raise
         self._api = ApiClient(self.api_socket)
 
     def _wait_for_api(self) -> None:

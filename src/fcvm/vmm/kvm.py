@@ -41,6 +41,7 @@ import select
 import signal
 import struct
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ KVM_DEVICE = "/dev/kvm"
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 CACHE_NAME = "kvm-probe.json"
 # Bump when the probe changes so that cached verdicts of an older probe are ignored.
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 PROBE_TIMEOUT = 0.5  # seconds; the probe itself takes a few milliseconds
 
 # --- ioctl numbers (linux/kvm.h) ------------------------------------------------
@@ -231,7 +232,10 @@ def run_probe(timeout: float = PROBE_TIMEOUT) -> tuple[KvmStatus, bool]:
                 result = {"usable": False, "reason": f"KVM probe failed: {exc}"}
             except Exception as exc:
                 result = {"usable": False, "reason": f"KVM probe crashed: {exc!r}"}
-            os.write(wfd, json.dumps(result).encode())
+            # One line, then close: the parent must not wait for this process to
+            # exit, as tearing the VM down can take a while (up to ~0.5 s seen on PVM).
+            os.write(wfd, json.dumps(result).encode() + b"\n")
+            os.close(wfd)
         except BaseException:
             code = 1
         finally:
@@ -246,12 +250,12 @@ def run_probe(timeout: float = PROBE_TIMEOUT) -> tuple[KvmStatus, bool]:
     if data is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        _reap(pid, 0.2)
+        _reap(pid, 0.05)
         return (
             KvmStatus(False, f"KVM probe did not finish within {timeout:g} s (a KVM ioctl hung)"),
             False,
         )
-    _reap(pid, 0.2)
+    _reap(pid, 0.05)
     try:
         result = json.loads(data.decode())
         status = KvmStatus(bool(result["usable"]), str(result["reason"]))
@@ -328,12 +332,14 @@ def _read_with_deadline(fd: int, deadline: float) -> bytes | None:
         if not ready:
             return None
         chunk = os.read(fd, 65536)
-        if not chunk:
-            return b"".join(chunks)
         chunks.append(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return b"".join(chunks)
 
 
 def _reap(pid: int, wait: float) -> None:
+    """Reap the probe child; if it is still tearing its VM down (or stuck in the
+    kernel after SIGKILL), leave the wait to a daemon thread instead of fcvm."""
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -343,11 +349,14 @@ def _reap(pid: int, wait: float) -> None:
         if done:
             return
         if time.monotonic() >= deadline:
-            # Stuck in an uninterruptible ioctl; it is SIGKILLed and will go when
-            # the kernel lets it. Do not block fcvm on it.
-            _log.debug("KVM probe child %d not reaped yet", pid)
+            threading.Thread(target=_wait_quietly, args=(pid,), daemon=True).start()
             return
-        time.sleep(0.005)
+        time.sleep(0.002)
+
+
+def _wait_quietly(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def _set_pdeathsig() -> None:
@@ -413,18 +422,18 @@ def _run_until(run: mmap.mmap, vcpu: int, stage: str, expect_ports: list[int]) -
             return
         if reason == KVM_EXIT_INTERNAL_ERROR:
             (suberror,) = struct.unpack_from("<I", run, 32)
-            what = f"internal error {suberror}"
+            what = f"KVM internal error {suberror}"
             if suberror == KVM_INTERNAL_ERROR_EMULATION:
-                what = "an emulation failure"
+                what = "KVM emulation failure"
             where = " on lock cmpxchg16b" if stage == "long-mode" and seen == [2] else ""
             if pvm_backed():
                 raise _ProbeFailure(
                     f"{KVM_DEVICE} is PVM-backed (kvm_pvm) and cannot run a stock guest "
-                    f"kernel: KVM hit {what}{where} in a 64-bit probe guest"
+                    f"kernel (probe: {what}{where})"
                 )
             raise _ProbeFailure(
-                f"{KVM_DEVICE} cannot run a stock guest kernel: KVM hit {what}{where} "
-                f"in a {stage} probe guest"
+                f"{KVM_DEVICE} cannot run a stock guest kernel (probe: {what}{where} "
+                f"in {stage} guest code)"
             )
         if reason == 9:  # FAIL_ENTRY
             (hw_reason,) = struct.unpack_from("<Q", run, 32)

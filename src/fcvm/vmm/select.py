@@ -77,12 +77,13 @@ def plan(requested: str = "auto") -> Choice:
         )
     kvm = kvm_status()
     if req == "firecracker":
+        problems = []
         if firecracker_binary() is None:
-            raise errors.VmmUnavailable(
-                f"firecracker cannot run here: {_firecracker_missing_reason()}"
-            )
+            problems.append(_firecracker_missing_reason())
         if not kvm.usable:
-            raise errors.VmmUnavailable(f"firecracker cannot run here: {kvm.reason}")
+            problems.append(kvm.reason)
+        if problems:
+            raise errors.VmmUnavailable(f"firecracker cannot run here: {'; '.join(problems)}")
         return Choice("firecracker", "kvm", f"firecracker requested; {kvm.reason}")
     if req == "qemu":
         return _qemu_choice(kvm, "qemu requested")
