@@ -89,8 +89,8 @@ def _check_archive(kind: str, path: Path) -> None:
     try:
         with tarfile.open(path) as tar:  # reads headers only, seeking over contents
             names = {member.name.removeprefix("./") for member in tar}
-    except (OSError, tarfile.TarError) as exc:
-        raise ImageError(f"{kind} {path} is not a readable tar archive: {exc}") from None
+    except (OSError, tarfile.TarError):
+        raise ImageError(f"{kind} {path} is not a readable tar archive") from None
     wanted = "index.json" if kind == "oci-archive" else "manifest.json"
     if wanted not in names:
         raise ImageError(f"{path} is not a {kind} (no {wanted} in it)")

@@ -137,6 +137,11 @@ class Run:
         try:
             work = asyncio.create_task(self._session(vmm, record, guest_image))
             done, _ = await asyncio.wait({work, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done and work.exception() is not None:
+                # A lost session usually means the VMM died: prefer saying that.
+                await asyncio.wait({watchdog}, timeout=0.5)
+                if watchdog.done():
+                    return watchdog.result()
             if work in done:
                 return work.result()
             work.cancel()
