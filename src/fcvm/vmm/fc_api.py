@@ -196,12 +196,13 @@ def boot_requests(
     vsock_path: Path,
     vsock_port: int,
     log_path: Path | None = None,
+    log_level: LogLevel = "Warning",
     track_dirty_pages: bool = False,
 ) -> list[ApiRequest]:
     """Everything sent for a fresh boot, in order; InstanceStart is last."""
     reqs: list[ApiRequest] = []
     if log_path is not None:
-        reqs.append(logger_request(log_path))
+        reqs.append(logger_request(log_path, log_level))
     reqs.append(boot_source_request(config.kernel, boot_args(config, vsock_port), config.initrd))
     reqs.append(machine_config_request(config, track_dirty_pages=track_dirty_pages))
     roots = [d for d in config.drives if d.is_root]

@@ -10,7 +10,10 @@ and last ``InstanceStart``).
 Snapshots (used by fcvm.snapshot): `pause`/`resume` (PATCH /vm), `snapshot_create`
 (Full or Diff), and `snapshot_load` in place of `start` on a fresh process
 (memory from a File or from a userfaultfd page server over Uffd, with the clone's
-own TAP and vsock path as overrides).
+own TAP and vsock path as overrides), `update_drive` (PATCH /drives, a clone's
+reflinked disk). ``config.extra["track_dirty_pages"] = "1"`` boots with dirty page
+tracking for Diff snapshots; ``config.extra["vsock_port"]`` overrides the agent's
+vsock port (1024).
 
 The guest agent is reached through Firecracker's vsock Unix socket
 (``CONNECT <port>``), see `fcvm.session.transport.connect_firecracker_vsock`.
@@ -66,7 +69,12 @@ class FirecrackerVmm(Vmm):
         self.vsock_path = config.workdir / VSOCK_SOCKET
         self.log_path = config.workdir / PROCESS_LOG
         self.vmm_log_path = config.workdir / VMM_LOG
+        # config.extra["track_dirty_pages"] = "1": boot with dirty page tracking so
+        # that Diff snapshots can be taken later.
         self.track_dirty_pages = config.extra.get("track_dirty_pages", "") in ("1", "true")
+        self.log_level: fc_api.LogLevel = (
+            "Debug" if os.environ.get("FCVM_LOG", "").lower() == "debug" else "Warning"
+        )
         self._proc: subprocess.Popen[bytes] | None = None
         self._api: ApiClient | None = None
         self.sent: list[ApiRequest] = []  # every request sent, in order (for diagnostics)
@@ -174,6 +182,7 @@ class FirecrackerVmm(Vmm):
             vsock_path=self.vsock_path,
             vsock_port=self.vsock_port,
             log_path=self.vmm_log_path,
+            log_level=self.log_level,
             track_dirty_pages=self.track_dirty_pages,
         )
         self._touch(self.vmm_log_path)
@@ -271,7 +280,7 @@ class FirecrackerVmm(Vmm):
         self._touch(self.vmm_log_path)
         self._launch()
         try:
-            self._send(fc_api.logger_request(self.vmm_log_path))
+            self._send(fc_api.logger_request(self.vmm_log_path, self.log_level))
             self._send(request, timeout=SNAPSHOT_TIMEOUT)
         except BaseException:
             self.stop(timeout=1.0)
