@@ -239,7 +239,13 @@ class PageServer:
         self._res = uffd.Resolver()
         self._ones = b"\x01" * (max(block_size, PREFETCH_CHUNK) // PAGE)
         self.refusals: collections.deque[str] = collections.deque(maxlen=100)
-        self.counters: dict[str, int] = collections.Counter()
+        self.counters: dict[str, int] = collections.Counter(
+            dict.fromkeys(
+                ("peers_total", "refused", "pages_copied", "pages_zero", "pages_prefetched",
+                 "events", "removes", "eexist", "copy_errors", "workingset_saves"),
+                0,
+            )
+        )  # fmt: skip
 
     # --- lifecycle -------------------------------------------------------------------
 
