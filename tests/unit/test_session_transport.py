@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from fcvm.errors import ProtocolError
-from fcvm.session import Channel, Session
+from fcvm.session import Channel, Session, transport
 from fcvm.session.transport import (
     _wrap_fd,
     accept_vsock,
@@ -27,6 +27,7 @@ from fcvm.session.transport import (
     connect_unix,
     connect_vsock,
     find_virtio_port,
+    host_connected,
     open_virtio_serial,
 )
 
@@ -320,6 +321,43 @@ def test_virtio_serial_times_out(tmp_path: Path) -> None:
     async def go() -> None:
         with pytest.raises(TimeoutError, match=r"no port named 'fcvm\.0'"):
             await open_virtio_serial("fcvm.0", 0.3, sysfs_root=str(sysfs), dev_root=str(dev))
+
+    arun(go())
+
+
+def test_host_connected_follows_pollhup() -> None:
+    """A port with no host behind it reports POLLHUP, like a pty whose master is gone."""
+    master, slave = pty.openpty()
+    try:
+        assert host_connected(slave)
+        os.close(master)
+        assert not host_connected(slave)
+    finally:
+        os.close(slave)
+
+
+@pytest.mark.timeout(10)
+def test_virtio_serial_waits_for_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port exists but no host is connected yet: open_virtio_serial waits
+    (a session started now would read EOF at once), then proceeds or times out."""
+    sysfs, dev = fake_virtio_ports(tmp_path, {"vport0p1": "fcvm.0"})
+    master, slave = pty.openpty()
+    (dev / "vport0p1").symlink_to(os.ttyname(slave))
+    os.close(slave)
+    connected_at = time.monotonic() + 0.3
+    monkeypatch.setattr(transport, "host_connected", lambda fd: time.monotonic() >= connected_at)
+
+    async def go() -> None:
+        t0 = time.monotonic()
+        _r, w = await open_virtio_serial("fcvm.0", 5, sysfs_root=str(sysfs), dev_root=str(dev))
+        assert time.monotonic() >= connected_at
+        assert time.monotonic() - t0 < 2
+        w.close()
+        await w.wait_closed()
+        monkeypatch.setattr(transport, "host_connected", lambda fd: False)
+        with pytest.raises(TimeoutError, match="no host connected"):
+            await open_virtio_serial("fcvm.0", 0.2, sysfs_root=str(sysfs), dev_root=str(dev))
+        os.close(master)
 
     arun(go())
 

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 import time
@@ -242,6 +243,7 @@ async def open_virtio_serial(
     *,
     sysfs_root: str = "/sys/class/virtio-ports",
     dev_root: str = "/dev",
+    wait_for_host: bool = True,
 ) -> Streams:
     """Guest side: open the virtio-serial port called `name` as a stream pair.
 
@@ -250,6 +252,11 @@ async def open_virtio_serial(
     no udev in the guest), opens the character device non-blocking and wraps it.
     A port has one opener: EBUSY is retried too. If the device is a terminal it is
     switched to raw mode so bytes pass unchanged.
+
+    While no host side is connected to the port (QEMU: no client on the chardev
+    yet), the kernel reports POLLHUP and read() returns 0, which a Session would
+    take for the end of the stream; with `wait_for_host` (the default) we wait,
+    within the same timeout, until the host is there.
     """
     deadline = time.monotonic() + timeout
     delay = _RETRY_FIRST
@@ -281,10 +288,27 @@ async def open_virtio_serial(
         if os.isatty(fd):
             tty.setraw(fd)
         _link_port(name, device, dev_root)
+        if wait_for_host:
+            await _wait_host_connected(fd, path, deadline, timeout)
     except BaseException:
         os.close(fd)
         raise
     return await _wrap_fd(fd)
+
+
+def host_connected(fd: int) -> bool:
+    """False while the other side of a port (or terminal) is hung up: POLLHUP."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLOUT)
+    return not any(events & select.POLLHUP for _fd, events in poller.poll(0))
+
+
+async def _wait_host_connected(fd: int, path: str, deadline: float, timeout: float) -> None:
+    delay = _RETRY_FIRST
+    while not host_connected(fd):
+        if _remaining(deadline) <= 0:
+            raise TimeoutError(f"{path}: no host connected to the port within {timeout}s")
+        delay = await _pause(deadline, delay)
 
 
 async def _wrap_fd(fd: int) -> Streams:
