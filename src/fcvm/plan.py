@@ -46,6 +46,7 @@ class RunPlan:
     tty: bool = False
     privileged: bool = False
     health_check: str | None = None
+    health_timeout: float = 60.0
     snapshot: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -117,6 +118,24 @@ def parse_image(value: str) -> ImageSpec:
     if not value or value.startswith("-") or any(c.isspace() for c in value):
         raise UsageError(f"invalid image reference {value!r}")
     return ImageSpec("host", value)
+
+
+def parse_health_check(url: str | None) -> str | None:
+    if url is None:
+        return None
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise UsageError(f"malformed --health-check {url!r}: expected an http:// or https:// URL")
+    return url
+
+
+def parse_seconds(flag: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(f"malformed {flag} {value!r}: expected seconds") from None
+    if not 0 < seconds <= 24 * 3600:
+        raise UsageError(f"{flag} {value}: must be between 0 and 86400 seconds")
+    return seconds
 
 
 def parse_command(cmd: str | None, args: list[str]) -> tuple[str, ...]:

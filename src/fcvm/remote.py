@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from fcvm import log
 from fcvm.agent import protocol as p
 from fcvm.errors import FcvmError, GuestError
 from fcvm.session import Channel, Session
+from fcvm.terminal import raw_mode, window_size
 
 logger = log.get("remote")
 
@@ -36,6 +38,25 @@ class LocalStdio:
     stderr: int = 2
     stdin: int | None = None  # None: the process gets /dev/null
     tty: bool = False  # one channel both ways; stderr merges into stdout
+
+    def terminal_fd(self) -> int | None:
+        """The local terminal to put in raw mode and follow the size of, if any."""
+        if not self.tty:
+            return None
+        for fd in (self.stdin, self.stdout):
+            if fd is not None and os.isatty(fd):
+                return fd
+        return None
+
+    def tty_spec(self) -> dict[str, Any]:
+        """tty/rows/cols for a process spec: the real size of our terminal."""
+        from fcvm.terminal import window_size
+
+        if not self.tty:
+            return {"tty": False}
+        fd = self.terminal_fd()
+        rows, cols = (window_size(fd) if fd is not None else None) or (24, 80)
+        return {"tty": True, "rows": rows, "cols": cols}
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -115,6 +136,42 @@ async def run_remote(
     )
     if on_proc_channel is not None:
         on_proc_channel(proc)
+    raw_fd = stdio.terminal_fd() if stdio.stdin is not None else None
+    with raw_mode(raw_fd), _follow_window_size(stdio, proc):
+        return await _attach(proc, channels, stdio, on_event)
+
+
+@contextlib.contextmanager
+def _follow_window_size(stdio: LocalStdio, proc: Channel) -> Iterator[None]:
+    """Forward SIGWINCH as resize requests (the seed tool never did)."""
+    fd = stdio.terminal_fd()
+    if fd is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_winch() -> None:
+        size = window_size(fd)
+        if size is not None:
+            msg = {"op": p.OP_RESIZE, "rows": size[0], "cols": size[1]}
+            task = asyncio.ensure_future(proc.send_json(msg))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGWINCH, on_winch)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGWINCH)
+
+
+async def _attach(
+    proc: Channel,
+    channels: dict[int, Channel],
+    stdio: LocalStdio,
+    on_event: Callable[[dict[str, Any]], None] | None,
+) -> int:
     outputs = []
     if stdio.tty:
         outputs.append(asyncio.create_task(_channel_to_fd(channels[0], stdio.stdout)))

@@ -21,11 +21,13 @@ from fcvm import images, log, paths, state
 from fcvm.agent import protocol as p
 from fcvm.errors import GuestError, ProtocolError
 from fcvm.plan import RunPlan
+from fcvm.relay import start_relay
 from fcvm.remote import LocalStdio, run_remote
 from fcvm.vmm.base import Drive, VmConfig, Vmm
 
 logger = log.get("runner")
 
+EXEC_SOCKET = "exec.sock"  # where `fcvm exec` reaches the relay (see relay.py)
 BOOT_TIMEOUT = float(os.environ.get("FCVM_BOOT_TIMEOUT", "90"))
 
 
@@ -118,8 +120,10 @@ class Run:
             "argv": list(self.plan.command),
             "env": [list(kv) for kv in self.plan.env],
             "interactive": self.plan.interactive,
-            "tty": self.plan.tty,
+            **self.stdio.tty_spec(),
             "privileged": self.plan.privileged,
+            "health_check": self.plan.health_check,
+            "health_timeout": self.plan.health_timeout,
         }
 
     async def _drive(self, vmm: Vmm, record: state.VmRecord, guest_image: images.GuestImage) -> int:
@@ -174,13 +178,20 @@ class Run:
             await asyncio.sleep(0.2)  # let the console log catch up for the message
             raise GuestError(f"no session with the guest agent: {exc}", hint=_detail(vmm)) from None
         self.timings.mark("agent-ready")
+        relay = await start_relay(paths.vm_dir(record.vm_id) / EXEC_SOCKET, session)
         state.update(record, status="running")
 
         def on_event(event: dict[str, Any]) -> None:
-            if event.get("event") == p.EV_PHASE:
+            kind = event.get("event")
+            if kind == p.EV_PHASE:
                 self.timings.mark(str(event.get("name")))
-            elif event.get("event") == p.EV_STARTED:
+            elif kind == p.EV_STARTED:
                 self.timings.mark("container-started")
+            elif kind == p.EV_HEALTH:
+                self.timings.mark(f"health-{event.get('status')}")
+                state.update(record, health=str(event.get("status")))
+                if event.get("status") != "healthy":
+                    logger.warning("container unhealthy: %s", event.get("detail"))
 
         try:
             code = await run_remote(
@@ -189,6 +200,7 @@ class Run:
             self.timings.mark("container-exited")
             return code
         finally:
+            relay.close()
             await session.close()
 
 

@@ -35,7 +35,8 @@ class VmRecord:
     vmm: str = ""
     vmm_pid: int | None = None
     image: str = ""
-    status: str = "starting"  # starting | running | healthy | stopping
+    status: str = "starting"  # starting | booting | running
+    health: str = ""  # "" until known, then healthy | unhealthy (from the agent)
     created: float = field(default_factory=time.time)
     cpus: int = 0
     mem_mib: int = 0

@@ -14,6 +14,9 @@ The spec's "mode" says what to run:
 On the process channel the agent sends JSON events, in order:
   {"event": "phase", "name": "..."}           progress, for logs and benchmarks
   {"event": "started", "pid": N}
+  {"event": "health", "status": "healthy"|"unhealthy", "detail": "..."}
+                                               (container mode: once the container
+                                               runs, or once spec.health_check answers)
   {"event": "exit", "code": N}                 after all stdio channels reached EOF
   {"event": "error", "message": "...", "code": 125|126|127}
 and the host may send:
@@ -32,6 +35,7 @@ MODE_VM = "vm"
 
 EV_PHASE = "phase"
 EV_STARTED = "started"
+EV_HEALTH = "health"
 EV_EXIT = "exit"
 EV_ERROR = "error"
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import pty
+import signal
 import subprocess
 from typing import Any
 
@@ -159,6 +160,9 @@ async def _execute(
         raise ProcError(f"{argv[0]}: {exc.strerror}", 126) from None
     done = reaper.watch(proc)
     await proc_ch.send_json({"event": p.EV_STARTED, "pid": proc.pid})
+    health = None
+    if spec.get("mode") == p.MODE_CONTAINER:
+        health = asyncio.create_task(_report_health(proc_ch, spec, reaper))
 
     readers: list[asyncio.Task[None]] = []  # process output -> host
     writers: list[asyncio.Task[None]] = []  # host input -> process
@@ -186,7 +190,7 @@ async def _execute(
     # hold them open, so give that a bounded time only.
     if readers:
         await asyncio.wait(readers, timeout=OUTPUT_DRAIN_SECONDS)
-    for task in (*readers, *writers, control):
+    for task in (*readers, *writers, control, *([health] if health else [])):
         task.cancel()
     if master is not None:
         with contextlib.suppress(OSError):
@@ -194,10 +198,65 @@ async def _execute(
     await proc_ch.send_json(procs.exit_event(code))
 
 
+async def _container_running(reaper: procs.Reaper) -> bool:
+    code, text = await _run_quiet(
+        ["podman", "container", "inspect", "--format", "{{.State.Running}}", p.CONTAINER_NAME],
+        reaper,
+    )
+    return code == 0 and text.strip() == "true"
+
+
+def _probe_url(url: str) -> tuple[bool, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        # Straight to the container: a proxy from the environment must not answer for it.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=2) as resp:
+            return 200 <= resp.status < 400, f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return False, f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, str(exc)
+
+
+async def _report_health(proc_ch: Channel, spec: dict[str, Any], reaper: procs.Reaper) -> None:
+    """healthy: the container runs and, with a health check, its URL answers 2xx/3xx."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + float(spec.get("health_timeout", 60))
+    url = spec.get("health_check")
+    detail = "container not running"
+    while loop.time() < deadline:
+        if await _container_running(reaper):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        await proc_ch.send_json({"event": p.EV_HEALTH, "status": "unhealthy", "detail": detail})
+        return
+    if url:
+        while True:
+            ok, detail = await loop.run_in_executor(None, _probe_url, url)
+            if ok or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        if not ok:
+            await proc_ch.send_json(
+                {"event": p.EV_HEALTH, "status": "unhealthy", "detail": f"{url}: {detail}"}
+            )
+            return
+    await proc_ch.send_json({"event": p.EV_HEALTH, "status": "healthy", "detail": url or ""})
+
+
 async def _host_ops(proc_ch: Channel, proc: subprocess.Popen[bytes], master: int | None) -> None:
     while True:
         msg = await proc_ch.recv_json()
         if msg is None:
+            # The host went away (fcvm exec interrupted): like a terminal hangup,
+            # the command does not outlive the one who started it.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             return
         op = msg.get("op")
         if op == p.OP_RESIZE and master is not None:

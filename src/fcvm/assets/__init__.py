@@ -180,6 +180,27 @@ def live_files() -> set[Path]:
     return out
 
 
+PRUNE_KINDS = ("vmlinux-", "vmlinuz-", "initrd-", "rootfs-")
+KEEP_SUPERSEDED = 2
+
+
+def prune_superseded(keep: int = KEEP_SUPERSEDED) -> list[Path]:
+    """Delete old asset files the manifest no longer references, keeping the newest
+    ``keep`` of each kind (a VM that resolved them a moment ago may still be opening
+    them; running VMs hold open files, and snapshots copy their disks). Call with the
+    setup lock held."""
+    adir = paths.assets_dir()
+    live = live_files()
+    removed: list[Path] = []
+    for kind in PRUNE_KINDS:
+        old = [p for p in adir.glob(f"{kind}*") if p.is_file() and p not in live]
+        old.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for p in old[keep:]:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 # --- setup ----------------------------------------------------------------------
 
 
@@ -266,6 +287,9 @@ def setup(
         elif m.base is None or m.base.key != bkey:
             m.base = cache.BaseRecord(key=bkey, file=rootfs_mod.base_path(bkey).name)
             cache.save_manifest(m)
+        if built:
+            for p in prune_superseded():
+                log.info("removed superseded asset %s", p.name)
 
     report("done", f"built: {', '.join(built)}" if built else "guest assets are up to date")
     return resolve_assets(kernel=kernel, initrd=initrd)

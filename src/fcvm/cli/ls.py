@@ -37,7 +37,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_json() for r in records], indent=2))
         return 0
     rows = [
-        (r.name, str(r.pid), r.vmm, r.image, r.status, _age(r.created), str(r.cpus),
+        (r.name, str(r.pid), r.vmm, r.image, f"{r.status} ({r.health})" if r.health else r.status,
+         _age(r.created), str(r.cpus),
          f"{r.mem_mib}M")
         for r in records
     ]  # fmt: skip

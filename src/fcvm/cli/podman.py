@@ -48,6 +48,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     run.add_argument("--privileged", action="store_true", help="run the container privileged")
     run.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="keep stdin open and stream it to the container",
+    )
+    run.add_argument(
+        "-t",
+        "--tty",
+        action="store_true",
+        help="give the container a terminal (raw mode here, window size followed)",
+    )
+    run.add_argument(
+        "--health-check",
+        metavar="URL",
+        help="healthy once URL answers 2xx/3xx inside the VM (see fcvm ls)",
+    )
+    run.add_argument(
+        "--health-timeout",
+        default="60",
+        metavar="SECONDS",
+        help="give up on the health check after this long (default 60)",
+    )
+    run.add_argument(
         "--setup",
         action="store_true",
         help="build the guest assets first if they are missing (fcvm setup)",
@@ -86,10 +109,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         mem_mib=p.parse_mem(args.mem),
         vmm=args.vmm or os.environ.get("FCVM_VMM", "auto"),
         privileged=args.privileged,
+        interactive=args.interactive,
+        tty=args.tty,
+        health_check=p.parse_health_check(args.health_check),
+        health_timeout=p.parse_seconds("--health-timeout", args.health_timeout),
     )
     if args.setup:
         from fcvm.assets import setup
 
         setup()
     sys.stdout.flush()
-    return Run(plan, LocalStdio()).execute()
+    stdio = LocalStdio(stdin=0 if args.interactive else None, tty=args.tty)
+    return Run(plan, stdio).execute()

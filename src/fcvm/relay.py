@@ -1,0 +1,94 @@
+"""The exec relay: how `fcvm exec` reaches a VM that another fcvm process owns.
+
+The fcvm process running a VM holds its only agent session (a virtio-serial port
+has one opener). It listens on <vm dir>/exec.sock; each `fcvm exec` connects there
+and speaks the same session protocol, as if it talked to the agent. Every channel
+the client opens is opened again on the VM's session with the same metadata (stdio
+ids in a process channel are renamed to the new ids) and the two are joined:
+bytes for stdio channels, whole JSON messages for process channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from fcvm import log
+from fcvm.agent import protocol as p
+from fcvm.session import Channel, Session, SessionClosed
+
+logger = log.get("relay")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+async def _pipe_bytes(src: Channel, dst: Channel) -> None:
+    while data := await src.read():
+        await dst.write(data)
+    await dst.write_eof()
+
+
+async def _pipe_json(src: Channel, dst: Channel) -> None:
+    while (msg := await src.recv_json()) is not None:
+        await dst.send_json(msg)
+    await dst.write_eof()
+
+
+async def _join(client_ch: Channel, vm_ch: Channel) -> None:
+    pipe = _pipe_json if client_ch.meta.get("kind") == p.KIND_PROC else _pipe_bytes
+    tasks = [
+        asyncio.create_task(pipe(client_ch, vm_ch)),
+        asyncio.create_task(pipe(vm_ch, client_ch)),
+    ]
+    # Done when the guest side is finished (its output ended or it closed the
+    # channel); the client's half may end earlier (stdin EOF) without ending it.
+    with contextlib.suppress(Exception):
+        await tasks[1]
+    tasks[0].cancel()
+    for ch in (client_ch, vm_ch):
+        with contextlib.suppress(Exception):
+            await ch.close()
+
+
+async def _serve_client(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, vm: Session
+) -> None:
+    client = Session(reader, writer, role="agent")
+    joins: set[asyncio.Task[None]] = set()
+    opened: dict[int, Channel] = {}  # client channel id -> VM channel
+    try:
+        await client.start(timeout=HANDSHAKE_TIMEOUT)
+        while True:
+            ch = await client.accept()
+            meta = dict(ch.meta)
+            if meta.get("kind") == p.KIND_PROC:
+                meta["stdio"] = {
+                    fd: opened[int(cid)].id
+                    for fd, cid in dict(meta.get("stdio", {})).items()
+                    if int(cid) in opened
+                }
+            vm_ch = await vm.open_channel(meta)
+            opened[ch.id] = vm_ch
+            task = asyncio.create_task(_join(ch, vm_ch))
+            joins.add(task)
+            task.add_done_callback(joins.discard)
+    except (SessionClosed, TimeoutError, ConnectionError, OSError) as exc:
+        logger.debug("exec client gone: %s", exc)
+    except Exception:
+        logger.exception("exec relay failed")
+    finally:
+        # A client that went away takes its processes' channels with it.
+        for task in joins:
+            task.cancel()
+        for vm_ch in opened.values():
+            with contextlib.suppress(Exception):
+                await vm_ch.close()
+        await client.close()
+
+
+async def start_relay(path: Path, vm: Session) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _serve_client(reader, writer, vm)
+
+    return await asyncio.start_unix_server(handle, path=str(path))
