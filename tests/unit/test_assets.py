@@ -537,3 +537,21 @@ def test_agent_wrapper_runs_main(tmp_path: Path) -> None:
     proc = subprocess.run(["python3", "-I", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "fcvm-agent: cannot start: ImportError: boom"
+
+
+def test_prune_superseded_keeps_live_and_newest(base: Path, agent_src: Path) -> None:
+    m = fake_setup(base)
+    assert m.rootfs is not None
+    adir = base / "assets"
+    old = []
+    for n in range(4):
+        p = adir / f"rootfs-old{n}.ext4"
+        p.write_bytes(b"")
+        os.utime(p, (1000 + n, 1000 + n))
+        old.append(p)
+    (adir / "notes.txt").write_text("not an asset")
+    removed = assets.prune_superseded(keep=2)
+    assert sorted(removed) == sorted(old[:2])
+    assert old[2].exists() and old[3].exists()
+    assert (adir / m.rootfs.file).exists() and (adir / "notes.txt").exists()
+    assets.resolve_assets()
