@@ -238,22 +238,25 @@ def host_tsc_khz() -> int:
     return int(float(m.group(1)) * 1000) if m else 0
 
 
-def qemu_cmd(vmlinux: Path, initrd: Path, rootfs: Path, image: Path, init: str) -> list[str]:
+def qemu_cmd(
+    vmlinux: Path, initrd: Path, rootfs: Path | None, image: Path | None, init: str, extra: str = ""
+) -> list[str]:
     tsc = host_tsc_khz()
     append = (
         "console=ttyS0 quiet 8250.nr_uarts=1 no_timer_check pci=off panic=-1 "
         + (f"tsc_early_khz={tsc} " if tsc else "")
-        + f"fcvm.init={init} fcvm.debug=1"
+        + f"fcvm.init={init} fcvm.debug=1 {extra}"
     )
+    drives: list[str] = []
+    for name, path in (("root", rootfs), ("img", image)):
+        if path is not None:
+            drives += ["-drive", f"id={name},file={path},format=raw,if=none,readonly=on",
+                       "-device", f"virtio-blk-device,drive={name}"]  # fmt: skip
     return [
         "qemu-system-x86_64", "-M", "microvm", "-accel", "tcg", "-m", "1024", "-smp", "1",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
         "-kernel", str(vmlinux), "-initrd", str(initrd), "-append", append,
-        "-drive", f"id=root,file={rootfs},format=raw,if=none,readonly=on",
-        "-device", "virtio-blk-device,drive=root",
-        "-drive", f"id=img,file={image},format=raw,if=none,readonly=on",
-        "-device", "virtio-blk-device,drive=img",
-        "-device", "virtio-rng-device", "-device", "virtio-serial-device",
+        *drives, "-device", "virtio-rng-device", "-device", "virtio-serial-device",
     ]  # fmt: skip
 
 
@@ -309,7 +312,7 @@ def test_assets_boot_and_run_podman(
 
 @pytest.mark.vm
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu missing")
-def test_missing_init_powers_off_with_one_line(built: Path, tmp_path: Path) -> None:
+def test_boot_failures_power_off_with_one_line(built: Path, tmp_path: Path) -> None:
     from fcvm.assets import cache
 
     m = cache.Manifest.from_json(json.loads((built / "assets" / "manifest.json").read_text()))
@@ -323,4 +326,13 @@ def test_missing_init_powers_off_with_one_line(built: Path, tmp_path: Path) -> N
         cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
     )
     assert "fcvm-init: init /no/such/init not found in the root filesystem" in proc.stdout
+    assert "Kernel panic" not in proc.stdout
+    # no root disk at all: one line after fcvm.rootwait seconds, then power-off
+    cmd = qemu_cmd(
+        adir / m.kernel.vmlinux, adir / m.initrd.file, None, None, "/x", "fcvm.rootwait=1"
+    )
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert "fcvm-init: root device /dev/vda did not appear within 1s" in proc.stdout
     assert "Kernel panic" not in proc.stdout
