@@ -589,7 +589,7 @@ class PageServer:
                 fault(peer, b)
             else:
                 self._event(peer, kind, a, b, c)
-            if peer.uffd not in self._peers:
+            if not peer.alive:
                 return
         if peer.retry and peer not in self._retrying:
             self._retrying.append(peer)
@@ -682,6 +682,8 @@ class PageServer:
             self._copy_failed(peer, addr, err)
 
     def _copy_failed(self, peer: _Peer, addr: int, err: int) -> None:
+        if not peer.alive:
+            return
         # ENOENT/EFAULT: the range is no longer mapped (munmap raced the fault).
         self.counters["copy_errors"] += 1
         log.warning(
