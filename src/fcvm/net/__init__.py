@@ -1,0 +1,25 @@
+"""VM networking: rootless (user+net namespace, slirp4netns) and bridged (veth, NAT).
+
+    forwards = parse_publish(["8080:80", "127.0.0.1:5353:53/udp"])
+    net = setup_network(vm_id, "rootless", forwards, workdir=vm_workdir)
+    VmConfig(..., net=net.vmm_net(), netns_exec=net.netns_exec,
+             cmdline_extra=(*net.guest_cmdline(), ...))
+    ...  # stop the VMM first, then:
+    net.teardown()                    # or teardown_from_record(net.record()) elsewhere
+
+See handle.py for the layouts and DESIGN.md ("Networking") for the reasons.
+"""
+
+from __future__ import annotations
+
+from fcvm.net.handle import NetHandle, proxy_env, setup_network, teardown_from_record
+from fcvm.net.publish import PortForward, parse_publish
+
+__all__ = [
+    "NetHandle",
+    "PortForward",
+    "parse_publish",
+    "proxy_env",
+    "setup_network",
+    "teardown_from_record",
+]
