@@ -429,7 +429,10 @@ def setup_network(vm_id: str, mode: str, publish: list[PortForward], *, workdir:
                 raise FcvmError(f"--publish {f.spec()}: bridged mode publishes IPv4 only")
         _ensure_ip_forward()
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FcvmError(f"cannot use {workdir} for the VM's network files: {e.strerror}") from None
     net_dir = paths.net_dir()
     me = os.getpid()
     owner = [me, start_time(me)]
