@@ -37,6 +37,7 @@ from tests.host.test_net_support import (
     ns_inode,
     procs_in_netns,
     roundtrip,
+    tap_attach_check,
 )
 
 pytestmark = [
@@ -108,10 +109,10 @@ def assert_gone(rec: dict[str, Any], inode: int | None = None, timeout: float = 
         time.sleep(0.05)
 
 
-def test_ip_netns_untouched() -> None:
+def test_ip_netns_untouched(workdir: Path) -> None:
     """We never create named namespaces (nothing under /run/netns can be left)."""
     before = subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
-    h = setup_network("nsl", "rootless", [], workdir=Path("/tmp"))
+    h = setup_network("nsl", "rootless", [], workdir=workdir)
     try:
         assert subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout == before
     finally:
@@ -140,7 +141,8 @@ def test_rootless_publish_and_host_loopback(workdir: Path, base: Path) -> None:
         assert {"lo", "br0", "tap0", "slirp0"} <= set(names)
         assert names["tap0"].get("master") == "br0"
         assert ns_inode(os.getpid()) != inode
-        # the VMM would run via netns_exec: it sees the namespace's links
+        # the VMM runs via netns_exec and attaches to the TAP like this
+        assert tap_attach_check(h.netns_exec, h.tap)
         assert (
             "tap0"
             in subprocess.run(
@@ -235,6 +237,7 @@ def test_bridged_publish_nat_and_teardown(workdir: Path) -> None:
         assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
         veth = rec["veth"]
         assert Path(f"/sys/class/net/{veth}").exists()
+        assert tap_attach_check(h.netns_exec, h.tap)
         assert h.host_ip == h.gateway and h.prefix_len == 30
         rules = iptables.rules_tagged(rec["tag"])
         assert any("MASQUERADE" in r and rec["subnet"] in r for r in rules)
@@ -420,6 +423,13 @@ def test_error_host_port_in_use_bridged(workdir: Path, base: Path) -> None:
     assert not any(n.startswith("fcvmb") for n in os.listdir("/sys/class/net"))
 
 
+@pytest.mark.parametrize("mode", ["rootless", "bridged"])
+def test_error_ipv6_host_address(mode: str, workdir: Path, base: Path) -> None:
+    with pytest.raises(FcvmError) as ei:
+        setup_network("e6", mode, parse_publish(["[::1]:8080:80"]), workdir=workdir)
+    _assert_clean_failure(ei.value, base, "only IPv4 host addresses")
+
+
 def test_error_port_published_by_another_vm(tmp_path: Path, base: Path) -> None:
     port = free_port()
     a = setup_network("pa", "bridged", parse_publish([f"{port}:80"]), workdir=tmp_path / "a")
@@ -527,6 +537,7 @@ def test_rootless_as_unprivileged_user(nobody_dir: Path, tun_mode: None) -> None
     assert out["uid"] == 65534
     assert out["record"]["userns"] is True
     assert out["holder_uid_map"] == ["0", "65534", "1"]  # root inside = nobody outside
+    assert out["vmm_can_attach_tap"] is True
     assert out["published"] is True
     assert out["to_host_loopback"] is True
     assert out["procs_left"] == []

@@ -68,6 +68,33 @@ print(out.decode())
 """
 
 
+# What a VMM does with the TAP: TUNSETIFF on /dev/net/tun with IFF_TAP|IFF_NO_PI|
+# IFF_VNET_HDR (Firecracker's and QEMU's flags). Prints "attached", holds it until EOF.
+ATTACH = r"""
+import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))
+print("attached", flush=True); sys.stdin.read()
+"""
+
+
+def tap_attach_check(netns_exec: tuple[str, ...], tap: str) -> bool:
+    """Attach to the TAP as the VMM would (via netns_exec); True if carrier came up."""
+    p = subprocess.Popen(
+        [*netns_exec, sys.executable, "-c", ATTACH, tap],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stdin is not None
+    ok = p.stdout.readline().strip() == "attached"
+    flags = run_in(netns_exec, "ip", "-o", "link", "show", tap) if ok else ""
+    p.stdin.close()
+    p.wait(5)
+    return ok and "LOWER_UP" in flags and "NO-CARRIER" not in flags
+
+
 def payload(n: int) -> bytes:
     return bytes(range(256)) * (n // 256)
 
@@ -215,6 +242,7 @@ def rootless_scenario(workdir: Path) -> dict[str, Any]:
     h = setup_network("unpriv1", "rootless", parse_publish([f"{port}:8080"]), workdir=workdir)
     rec = h.record()
     res.update(record=rec, host_ip=h.host_ip)
+    res["vmm_can_attach_tap"] = tap_attach_check(h.netns_exec, h.tap)
     srv, hport = host_server("hostlo", "127.0.0.1")
     try:
         with FakeGuest(h) as g:

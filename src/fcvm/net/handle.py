@@ -397,6 +397,9 @@ def setup_network(vm_id: str, mode: str, publish: list[PortForward], *, workdir:
     if not _VM_ID.match(vm_id):
         raise FcvmError(f"invalid VM id {vm_id!r} for networking")
     root = os.geteuid() == 0
+    for f in publish:
+        if ":" in f.host_ip:  # slirp4netns forwards to the guest's IPv4; DNAT is iptables
+            raise FcvmError(f"--publish {f.spec()}: only IPv4 host addresses can be published")
     need_tool("ip", "networking")
     need_tool("unshare", "network namespaces")
     need_tool("nsenter", "entering the VM's namespace")
@@ -424,9 +427,6 @@ def setup_network(vm_id: str, mode: str, publish: list[PortForward], *, workdir:
             )
         need_tool("iptables", "bridged networking (NAT)")
         need_tool("iptables-restore", "bridged networking (NAT)")
-        for f in publish:
-            if ":" in f.host_ip:
-                raise FcvmError(f"--publish {f.spec()}: bridged mode publishes IPv4 only")
         _ensure_ip_forward()
 
     try:
