@@ -32,6 +32,8 @@ import collections
 import contextlib
 import ctypes
 import errno
+import fcntl
+import functools
 import itertools
 import json
 import mmap
@@ -57,6 +59,8 @@ from fcvm.snapshot.uffd import (
     UFFD_EVENT_REMAP,
     UFFD_EVENT_REMOVE,
     UFFD_EVENT_UNMAP,
+    UFFDIO_COPY,
+    UFFDIO_ZEROPAGE,
 )
 
 log = get("snapshot.pageserver")
@@ -73,6 +77,10 @@ _MISSING_RUN = re.compile(b"\x00+")
 _TOUCHED_RUN = re.compile(b"\x01+")
 _UCRED = struct.Struct("3i")
 
+_MSG_UNPACK = MSG.unpack
+_COPY_PACK = uffd.COPY.pack_into
+_ZERO_PACK = uffd.ZEROPAGE.pack_into
+_ioctl = fcntl.ioctl
 _EPOLLIN = select.EPOLLIN
 _EPOLLBAD = select.EPOLLHUP | select.EPOLLERR
 
@@ -89,6 +97,7 @@ class Region:
     size: int
     offset: int  # in the memory file
     page_size: int
+    block: int = field(default=0, compare=False)  # bytes served per fault (set at attach)
 
     @property
     def end(self) -> int:
@@ -171,6 +180,8 @@ class _Peer:
     started: float = field(default_factory=time.monotonic)
     faults: int = 0
     pages_served: int = 0
+    pages_copied: int = 0
+    pages_zero: int = 0
     pages_prefetched: int = 0
     removes: int = 0
 
@@ -237,6 +248,8 @@ class PageServer:
         self._stop_requests = 0
         self._drain_deadline = 0.0
         self._res = uffd.Resolver()
+        self._copy_buf = bytearray(uffd.COPY.size)
+        self._zero_page = memoryview(bytes(PAGE))
         self._ones = b"\x01" * (max(block_size, PREFETCH_CHUNK) // PAGE)
         self.refusals: collections.deque[str] = collections.deque(maxlen=100)
         self.counters: dict[str, int] = collections.Counter(
@@ -332,6 +345,10 @@ class PageServer:
             "refusals": list(self.refusals),
             "workingset_pages": workingset.count(self._ws) if self._ws is not None else 0,
             **self.counters,
+            "pages_copied": self.counters["pages_copied"]
+            + sum(p.pages_copied for p in self._peers.values()),
+            "pages_zero": self.counters["pages_zero"]
+            + sum(p.pages_zero for p in self._peers.values()),
         }
 
     # --- memory file -----------------------------------------------------------------
@@ -479,6 +496,8 @@ class PageServer:
         state: bytearray | None = None,
     ) -> _Peer:
         touched = bytearray(self.npages) if self.record else None
+        for r in regions:
+            r.block = max(self.block_size, r.page_size)
         peer = _Peer(
             ident=self._next_ident,
             uffd=ufd,
@@ -491,7 +510,7 @@ class PageServer:
         self._next_ident += 1
         self._peers[ufd] = peer
         self.counters["peers_total"] += 1
-        self._add(ufd, _EPOLLIN, lambda m: self._on_uffd(peer, m))
+        self._add(ufd, _EPOLLIN, functools.partial(self._on_uffd, peer))
         if conn is not None:
             self._add(conn.fileno(), _EPOLLIN | select.EPOLLRDHUP, lambda m: self._on_conn(peer))
         if pid > 0:
@@ -538,6 +557,9 @@ class PageServer:
             os.close(peer.pidfd)
         if peer in self._retrying:
             self._retrying.remove(peer)
+        self.counters["pages_copied"] += peer.pages_copied
+        self.counters["pages_zero"] += peer.pages_zero
+        peer.pages_served = peer.pages_copied + peer.pages_zero
         (log.debug if quiet else log.info)(
             "%s gone (%s): %d faults, %d pages served, %d prefetched, %.1f s",
             peer.label(),
@@ -581,6 +603,15 @@ class PageServer:
         except OSError as exc:
             self._drop(peer, f"reading its userfaultfd failed: {exc}")
             return
+        if len(data) == MSG_SIZE:  # the usual case: one fault
+            kind, a, b, c = _MSG_UNPACK(data)
+            if kind == UFFD_EVENT_PAGEFAULT:
+                self._fault(peer, b)
+            else:
+                self._event(peer, kind, a, b, c)
+            if peer.retry and peer not in self._retrying:
+                self._retrying.append(peer)
+            return
         if len(data) % MSG_SIZE:
             data = data[: len(data) - len(data) % MSG_SIZE]
         fault = self._fault
@@ -595,54 +626,94 @@ class PageServer:
             self._retrying.append(peer)
 
     def _fault(self, peer: _Peer, addr: int) -> None:
+        """Resolve one missing-page fault. The hot path: every line here costs."""
         for r in peer.regions:
-            if r.base <= addr < r.base + r.size:
+            rel = addr - r.base
+            if 0 <= rel < r.size:
                 break
         else:
             self.counters["faults_outside"] += 1
             log.warning("%s: fault at %#x outside its regions", peer.label(), addr)
             return
         peer.faults += 1
-        bs = self.block_size if self.block_size > r.page_size else r.page_size
-        rel = (addr - r.base) & -bs
-        length = bs if rel + bs <= r.size else r.size - rel
+        bs = r.block
+        rel &= -bs
         foff = r.offset + rel
         pg = foff >> PAGE_SHIFT
-        n = length >> PAGE_SHIFT
         state = peer.state
-        if (state[pg] == 0) if n == 1 else (state.count(0, pg, pg + n) == n):
-            dst = r.base + rel
-            assert self._view is not None
+        if bs == PAGE:  # page at a time
+            if state[pg]:
+                self._fault_page(peer, r, addr)
+                return
+            buf = self._copy_buf
+            view = self._view
+            # (two byte reads reject most data pages before a full compare)
             if (
                 self.zero_pages
-                and r.page_size == PAGE
-                and (self._view[foff : foff + length] == self._zeros[:length])
+                and not view[foff]  # type: ignore[index]
+                and not view[foff + PAGE - 1]  # type: ignore[index]
+                and view[foff : foff + PAGE] == self._zero_page  # type: ignore[index]
             ):
-                done, err = self._res.zeropage(peer.uffd, dst, length)
-                kind = "pages_zero"
+                _ZERO_PACK(buf, 0, r.base + rel, PAGE, 0, 0)
+                req = UFFDIO_ZEROPAGE
+                peer.pages_zero += 1
             else:
-                done, err = self._res.copy(peer.uffd, dst, self._addr + foff, length)
-                kind = "pages_copied"
+                _COPY_PACK(buf, 0, r.base + rel, self._addr + foff, PAGE, 0, 0)
+                req = UFFDIO_COPY
+                peer.pages_copied += 1
+            try:
+                _ioctl(peer.uffd, req, buf, True)
+            except OSError as exc:
+                if req == UFFDIO_COPY:
+                    peer.pages_copied -= 1
+                else:
+                    peer.pages_zero -= 1
+                self._fault_failed(peer, r, addr, pg, 0, exc.errno or errno.EIO)
+                return
+            state[pg] = 1
+            if peer.touched is not None:
+                peer.touched[pg] = 1
+            return
+        length = bs if rel + bs <= r.size else r.size - rel
+        n = length >> PAGE_SHIFT
+        if state.count(0, pg, pg + n) != n:
+            self._fault_page(peer, r, addr)
+            return
+        dst = r.base + rel
+        assert self._view is not None
+        if (
+            self.zero_pages
+            and r.page_size == PAGE
+            and (self._view[foff : foff + length] == self._zeros[:length])
+        ):
+            done, err = self._res.zeropage(peer.uffd, dst, length)
             if not err:
-                state[pg : pg + n] = self._ones[:n]
-                if peer.touched is not None:
-                    peer.touched[pg : pg + n] = self._ones[:n]
-                peer.pages_served += n
-                self.counters[kind] += n
-                return
-            if done:
-                k = done >> PAGE_SHIFT
-                state[pg : pg + k] = self._ones[:k]
-            if err == errno.EAGAIN:
-                peer.retry.append(addr)
-                return
-            if err == errno.ESRCH:
-                self._drop(peer, "its memory is gone")
-                return
-            if err != errno.EEXIST:
-                self._copy_failed(peer, addr, err)
-                return
-        self._fault_page(peer, r, addr)
+                peer.pages_zero += n
+        else:
+            done, err = self._res.copy(peer.uffd, dst, self._addr + foff, length)
+            if not err:
+                peer.pages_copied += n
+        if err:
+            self._fault_failed(peer, r, addr, pg, done, err)
+            return
+        state[pg : pg + n] = self._ones[:n]
+        if peer.touched is not None:
+            peer.touched[pg : pg + n] = self._ones[:n]
+
+    def _fault_failed(
+        self, peer: _Peer, r: Region, addr: int, pg: int, done: int, err: int
+    ) -> None:
+        if done:
+            k = done >> PAGE_SHIFT
+            peer.state[pg : pg + k] = self._ones[:k]
+        if err == errno.EAGAIN:
+            peer.retry.append(addr)
+        elif err == errno.ESRCH:
+            self._drop(peer, "its memory is gone")
+        elif err == errno.EEXIST:
+            self._fault_page(peer, r, addr)
+        else:
+            self._copy_failed(peer, addr, err)
 
     def _fault_page(self, peer: _Peer, r: Region, addr: int) -> None:
         """Slow path: one page, honouring removed/present state."""
@@ -666,8 +737,10 @@ class PageServer:
             state[pg : pg + n] = self._ones[:n]
             if peer.touched is not None:
                 peer.touched[pg : pg + n] = self._ones[:n]
-            peer.pages_served += n
-            self.counters[kind] += n
+            if kind == "pages_zero":
+                peer.pages_zero += n
+            else:
+                peer.pages_copied += n
         elif err == errno.EEXIST:
             # Already there (a racing fault, or a block/prefetch copy): wake the waiter.
             state[pg : pg + n] = self._ones[:n]
@@ -713,11 +786,14 @@ class PageServer:
             self._mark(peer, a, b, UNMAPPED)
         elif kind == UFFD_EVENT_REMAP:
             peer.regions = _remap(peer.regions, a, b, c)
+            for r in peer.regions:
+                r.block = max(self.block_size, r.page_size)
             log.debug("%s: remap %#x -> %#x (+%#x)", peer.label(), a, b, c)
         elif kind == UFFD_EVENT_FORK:
             child = a & 0xFFFFFFFF
             log.info("%s forked; serving the child's userfaultfd %d too", peer.label(), child)
             regions = [Region(r.base, r.size, r.offset, r.page_size) for r in peer.regions]
+            # (_attach sets each region's block size)
             self._attach(child, None, 0, regions, state=bytearray(peer.state))
         else:
             log.warning("%s: unexpected userfaultfd event %#x", peer.label(), kind)
