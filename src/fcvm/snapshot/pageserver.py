@@ -249,6 +249,7 @@ class PageServer:
         self._drain_deadline = 0.0
         self._res = uffd.Resolver()
         self._copy_buf = bytearray(uffd.COPY.size)
+        self._stats_lock = threading.Lock()
         self._zero_page = memoryview(bytes(PAGE))
         self._ones = b"\x01" * (max(block_size, PREFETCH_CHUNK) // PAGE)
         self.refusals: collections.deque[str] = collections.deque(maxlen=100)
@@ -338,17 +339,21 @@ class PageServer:
                 self._expire_handshakes()
 
     def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         return {
             "peers": len(self._peers),
-            "peer_pids": sorted(p.pid for p in self._peers.values()),
+            "peer_pids": sorted(p.pid for p in list(self._peers.values())),
             "pending_handshakes": len(self._pending),
             "refusals": list(self.refusals),
             "workingset_pages": workingset.count(self._ws) if self._ws is not None else 0,
             **self.counters,
             "pages_copied": self.counters["pages_copied"]
-            + sum(p.pages_copied for p in self._peers.values()),
+            + sum(p.pages_copied for p in list(self._peers.values())),
             "pages_zero": self.counters["pages_zero"]
-            + sum(p.pages_zero for p in self._peers.values()),
+            + sum(p.pages_zero for p in list(self._peers.values())),
         }
 
     # --- memory file -----------------------------------------------------------------
@@ -543,8 +548,11 @@ class PageServer:
             self._drop(peer, "closed its socket")
 
     def _drop(self, peer: _Peer, why: str, *, quiet: bool = False) -> None:
-        if self._peers.pop(peer.uffd, None) is None:
-            return
+        with self._stats_lock:  # stats() never sees a peer both or neither counted
+            if self._peers.pop(peer.uffd, None) is None:
+                return
+            self.counters["pages_copied"] += peer.pages_copied
+            self.counters["pages_zero"] += peer.pages_zero
         peer.alive = False
         with peer.lock:  # the prefetch thread is not using the uffd now, nor will it
             self._remove(peer.uffd)
@@ -557,8 +565,6 @@ class PageServer:
             os.close(peer.pidfd)
         if peer in self._retrying:
             self._retrying.remove(peer)
-        self.counters["pages_copied"] += peer.pages_copied
-        self.counters["pages_zero"] += peer.pages_zero
         peer.pages_served = peer.pages_copied + peer.pages_zero
         (log.debug if quiet else log.info)(
             "%s gone (%s): %d faults, %d pages served, %d prefetched, %.1f s",
