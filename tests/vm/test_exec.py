@@ -1,0 +1,251 @@
+"""`fcvm exec`, `-i`, `-t`, health: into one long-lived VM shared by the module.
+
+Booting under TCG costs seconds, so one service VM serves every test here that
+does not need a VM of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import fcvm
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+
+SVC = "t-exec-svc"
+
+
+def _records() -> dict[str, dict[str, object]]:
+    return {r["name"]: r for r in json.loads(fcvm("ls", "--json", check=True).stdout)}
+
+
+def _wait_health(name: str, want: str = "healthy", timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = _records().get(name)
+        if rec and rec["health"]:
+            assert rec["health"] == want, rec
+            return rec
+        time.sleep(0.3)
+    raise AssertionError(f"{name} never reported health")
+
+
+@pytest.fixture(scope="module")
+def service(test_image: str) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", SVC, test_image,
+         "--", "sleep", "3600"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        rec = _wait_health(SVC)
+        assert rec["status"] == "running"
+        yield SVC
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert SVC not in _records()
+
+
+def test_exec_output_and_exit_codes(service: str) -> None:
+    ok = fcvm("exec", "--name", service, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (7, "out\n", "err\n")
+    assert fcvm("exec", "--name", service, "--", "true").returncode == 0
+    not_found = fcvm("exec", "--name", service, "--", "no-such-command")
+    assert not_found.returncode == 127
+    cannot_run = fcvm("exec", "--name", service, "--", "/etc/passwd")
+    assert cannot_run.returncode == 126
+
+
+def test_exec_env_workdir(service: str) -> None:
+    proc = fcvm("exec", "--name", service, "-e", "X=42", "-w", "/tmp", "--",
+                "sh", "-c", 'echo "$X $(pwd)"')  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (0, "42 /tmp\n")
+
+
+def test_vm_flag_runs_in_the_guest_not_the_container(service: str) -> None:
+    probe = ["sh", "-c", "test -x /usr/bin/podman && echo guest || echo container"]
+    assert fcvm("exec", "--name", service, "--vm", "--", *probe).stdout == "guest\n"
+    assert fcvm("exec", "--name", service, "--", *probe).stdout == "container\n"
+
+
+def test_exec_by_pid(service: str) -> None:
+    pid = _records()[service]["pid"]
+    proc = fcvm("exec", "--pid", str(pid), "--", "hostname")
+    assert (proc.returncode, proc.stdout) == (0, f"{service}\n")
+
+
+def test_concurrent_execs(service: str) -> None:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fcvm",
+                "exec",
+                "--name",
+                service,
+                "--",
+                "sh",
+                "-c",
+                f"sleep 1; echo {i}; exit {i}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    results = [(p.communicate(timeout=120)[0], p.returncode) for p in procs]
+    assert results == [(f"{i}\n", i) for i in range(4)]
+
+
+def test_stdin_100mb_through_the_container(service: str, tmp_path: object) -> None:
+    data = os.urandom(1 << 20) * 100
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcvm", "exec", "-i", "--name", service, "--", "sha256sum"],
+        input=data, capture_output=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_eof_reaches_the_command(service: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcvm", "exec", "-i", "--name", service, "--", "wc", "-c"],
+        input=b"12345", capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout.strip()) == (0, b"5")
+
+
+def test_tty_alone_gives_a_terminal(service: str) -> None:
+    proc = fcvm("exec", "--name", service, "-t", "--", "sh", "-c", "test -t 1 && echo tty")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == "tty"
+
+
+def test_exec_errors(service: str) -> None:
+    gone = fcvm("exec", "--name", "no-such-vm", "--", "true")
+    assert gone.returncode == 125
+    assert "no running VM named 'no-such-vm'" in gone.stderr
+    assert len(gone.stderr.strip().splitlines()) == 1
+    empty = fcvm("exec", "--name", service)
+    assert empty.returncode == 125 and "no command" in empty.stderr
+
+
+class Tmux:
+    """A real terminal: tmux running a shell, driven by keys, read by screen."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30",
+                        "env", "PS1=$ ", "bash", "--norc", "--noprofile"], check=True)  # fmt: skip
+
+    def send(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    def wait_for(self, text: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} never appeared; screen:\n{self.screen()}")
+
+    def resize(self, cols: int, rows: int) -> None:
+        subprocess.run(["tmux", "resize-window", "-t", self.name, "-x", str(cols), "-y",
+                        str(rows)], check=True)  # fmt: skip
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    t = Tmux(f"fcvm-test-{os.getpid()}")
+    yield t
+    t.close()
+
+
+def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> None:
+    """Type into sh, follow a resize, Ctrl-C a program, edit with vi, restore the terminal."""
+    before, after = f"{tmp_path}/stty.before", f"{tmp_path}/stty.after"
+    fcvm_cmd = shlex.join(
+        [sys.executable, "-m", "fcvm", "exec", "--name", service, "-it", "--", "sh"]
+    )
+    tmux.send(f"stty -g > {before}; {fcvm_cmd}; stty -g > {after}; echo DONE-$?", "Enter")
+    tmux.wait_for("/ #")  # capture-pane drops trailing spaces
+    tmux.send("stty size", "Enter")
+    tmux.wait_for("30 100")
+    tmux.resize(120, 40)
+    time.sleep(0.5)
+    tmux.send("clear; stty size", "Enter")
+    tmux.wait_for("40 120")
+    # Ctrl-C reaches the program in the guest, not fcvm.
+    tmux.send("clear; sleep 100", "Enter")
+    time.sleep(1.5)
+    tmux.send("C-c")
+    tmux.wait_for("^C")
+    tmux.send("echo rc=$?", "Enter")
+    tmux.wait_for("rc=130")
+    # A full-screen editor.
+    tmux.send("clear; vi /tmp/edited.txt", "Enter")
+    tmux.wait_for("/tmp/edited.txt")
+    tmux.send("i")
+    tmux.send("hello from vi")
+    tmux.send("Escape")
+    time.sleep(1.0)  # vi waits briefly to tell a lone ESC from an escape sequence
+    tmux.send(":wq", "Enter")
+    tmux.send("clear; cat /tmp/edited.txt", "Enter")
+    tmux.wait_for("hello from vi")
+    tmux.send("exit", "Enter")
+    tmux.wait_for("DONE-0")
+    with open(before) as b, open(after) as a:
+        assert b.read() == a.read(), "host terminal settings were not restored"
+    back = fcvm("exec", "--name", service, "--", "cat", "/tmp/edited.txt")
+    assert back.stdout == "hello from vi\n"
+
+
+def test_health_check_url(test_image: str) -> None:
+    name = "t-health"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
+         "--health-check", "http://127.0.0.1:8080/index.html", test_image,
+         "--", "httpd", "-f", "-p", "8080", "-h", "/www"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        rec = _wait_health(name, "healthy")
+        assert rec["status"] == "running"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_health_check_that_never_answers(test_image: str) -> None:
+    name = "t-unhealthy"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
+         "--health-check", "http://127.0.0.1:9/", "--health-timeout", "3", test_image,
+         "--", "sleep", "600"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_health(name, "unhealthy")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
