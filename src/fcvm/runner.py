@@ -20,6 +20,7 @@ from typing import Any
 from fcvm import images, log, paths, state
 from fcvm.agent import protocol as p
 from fcvm.errors import GuestError, ProtocolError
+from fcvm.net import parse_publish, setup_network
 from fcvm.plan import RunPlan
 from fcvm.relay import start_relay
 from fcvm.remote import LocalStdio, run_remote
@@ -61,6 +62,7 @@ class Run:
         self.stdio = stdio
         self.timings = Timings()
         self.signalled: int | None = None
+        self.proxy_env: dict[str, str] = {}
 
     def execute(self) -> int:
         from fcvm.assets import resolve_assets
@@ -81,6 +83,13 @@ class Run:
         with contextlib.ExitStack() as undo:
             state.create(record)
             undo.callback(state.remove, vm_id)
+            net = setup_network(
+                vm_id, self.plan.network, parse_publish(list(self.plan.publish)), workdir=workdir
+            )
+            undo.callback(net.teardown)  # registered before the VMM's stop: runs after it
+            state.update(record, network=net.record())
+            self.timings.mark("network-ready")
+            self.proxy_env = net.proxy_env()
             drives = [Drive("root", assets.rootfs, read_only=True, is_root=True)]
             if guest_image.archive is not None:
                 drives.append(Drive("image", guest_image.archive, read_only=True))
@@ -92,8 +101,10 @@ class Run:
                 vcpus=self.plan.cpus,
                 mem_mib=self.plan.mem_mib,
                 drives=tuple(drives),
-                cmdline_extra=(f"fcvm.hostname={self.plan.name}",),
+                cmdline_extra=(f"fcvm.hostname={self.plan.name}", *net.guest_cmdline()),
                 console_log=workdir / "console.log",
+                net=net.vmm_net(),
+                netns_exec=net.netns_exec,
             )
             vmm = make_vmm(self.plan.vmm, config)
             undo.callback(vmm.stop)
@@ -124,6 +135,7 @@ class Run:
             "privileged": self.plan.privileged,
             "health_check": self.plan.health_check,
             "health_timeout": self.plan.health_timeout,
+            "proxy_env": self.proxy_env,  # podman passes these on to pulls and the container
         }
 
     async def _drive(self, vmm: Vmm, record: state.VmRecord, guest_image: images.GuestImage) -> int:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,16 +157,6 @@ def find(*, name: str | None = None, pid: int | None = None) -> VmRecord:
     raise StateError(f"no running VM {what}")
 
 
-# Cleanups for stale records, by record kind, registered by the modules that own the
-# resources (network, page server...). Each takes the stale record and must not raise.
-Cleanup = Callable[[VmRecord], None]
-_cleanups: list[Cleanup] = []
-
-
-def register_cleanup(func: Cleanup) -> None:
-    _cleanups.append(func)
-
-
 def reap_stale() -> list[VmRecord]:
     """Remove what dead fcvm processes left behind; returns the reaped records."""
     reaped = []
@@ -174,12 +164,23 @@ def reap_stale() -> list[VmRecord]:
         stale = [r for r in _all_records() if not owner_alive(r)]
         for rec in stale:
             _kill_leftover_vmm(rec)
-            for cleanup in _cleanups:
+            if rec.network:
+                from fcvm.net import teardown_from_record
+
                 with contextlib.suppress(Exception):
-                    cleanup(rec)
+                    teardown_from_record(rec.network)
+            _remove_owned_socket(rec)
             shutil.rmtree(paths.vm_dir(rec.vm_id), ignore_errors=True)
             reaped.append(rec)
     return reaped
+
+
+def _remove_owned_socket(rec: VmRecord) -> None:
+    """A page server's socket lives under serve_dir(), outside the VM directory."""
+    sock = rec.extra.get("socket")
+    if isinstance(sock, str) and Path(sock).parent == paths.serve_dir():
+        with contextlib.suppress(OSError):
+            Path(sock).unlink()
 
 
 def _kill_leftover_vmm(rec: VmRecord) -> None:

@@ -101,6 +101,9 @@ async def run_proc(proc_ch: Channel, stdio: dict[int, Channel], reaper: procs.Re
 
     try:
         if mode == p.MODE_CONTAINER:
+            # Proxies from the host: podman uses them for pulls and passes them on
+            # to the container (its --http-proxy default).
+            os.environ.update(spec.get("proxy_env") or {})
             image = await prepare_image(spec, reaper, phase)
             argv = podman_argv(spec, image)
             env = None

@@ -83,15 +83,25 @@ def bring_up_loopback() -> None:
 
 
 def configure_network(params: dict[str, str]) -> None:
-    """eth0 from fcvm.ip=ADDR/PREFIX fcvm.gw=GW fcvm.dns=A,B (set by the host's net setup)."""
+    """eth0 from the host's net setup: fcvm.ip=ADDR/PREFIX fcvm.gw=GW fcvm.mtu=N
+    fcvm.dns=A[,B] and, where the host has IPv6, fcvm.ip6=ADDR/PREFIX fcvm.gw6=GW."""
     ip = params.get("ip")
     if not ip:
         return
-    subprocess.run(["ip", "link", "set", "eth0", "up"], check=False)
-    subprocess.run(["ip", "addr", "add", ip, "dev", "eth0"], check=False)
-    gw = params.get("gw")
-    if gw:
-        subprocess.run(["ip", "route", "add", "default", "via", gw], check=False)
+
+    def run(*argv: str) -> None:
+        subprocess.run(["ip", *argv], check=False)
+
+    if params.get("mtu"):
+        run("link", "set", "eth0", "mtu", params["mtu"])
+    run("link", "set", "eth0", "up")
+    run("addr", "add", ip, "dev", "eth0")
+    if params.get("gw"):
+        run("route", "add", "default", "via", params["gw"])
+    if params.get("ip6"):
+        run("-6", "addr", "add", params["ip6"], "dev", "eth0", "nodad")
+        if params.get("gw6"):
+            run("-6", "route", "add", "default", "via", params["gw6"])
     dns = [d for d in params.get("dns", "").split(",") if d]
     if dns:
         Path("/etc/resolv.conf").write_text("".join(f"nameserver {d}\n" for d in dns))

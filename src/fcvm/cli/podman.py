@@ -46,6 +46,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=None,
         help="VMM backend (default: $FCVM_VMM or auto: Firecracker when usable)",
     )
+    run.add_argument(
+        "--network",
+        choices=("rootless", "bridged"),
+        default="rootless",
+        help="rootless (default: user namespace + slirp4netns) or bridged (root: veth + NAT)",
+    )
+    run.add_argument(
+        "--publish",
+        "-p",
+        action="append",
+        default=[],
+        metavar="[IP:]HOST:GUEST[/tcp|udp]",
+        help="publish a guest port on the host (comma-separated, repeatable)",
+    )
     run.add_argument("--privileged", action="store_true", help="run the container privileged")
     run.add_argument(
         "-i",
@@ -94,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import os
 
     from fcvm import plan as p
+    from fcvm.net import parse_publish
     from fcvm.remote import LocalStdio
     from fcvm.runner import Run
 
@@ -109,6 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         mem_mib=p.parse_mem(args.mem),
         vmm=args.vmm or os.environ.get("FCVM_VMM", "auto"),
         privileged=args.privileged,
+        network=args.network,
+        publish=tuple(f.spec() for f in parse_publish(args.publish)),
         interactive=args.interactive,
         tty=args.tty,
         health_check=p.parse_health_check(args.health_check),

@@ -57,8 +57,10 @@ def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]\s?")
-_NOISE = re.compile(r"^(R[A-Z0-9]{2}:|Code:|Call Trace|<TASK>|</TASK>|\? |CPU: |Hardware name|"
-                    r"dump_stack|panic\+|do_exit|do_group_exit|__x64|do_syscall|entry_SYSCALL)")
+_NOISE = re.compile(
+    r"^(R[A-Z0-9]{2}:|Code:|Call Trace|<TASK>|</TASK>|\? |CPU: |Hardware name|"
+    r"dump_stack|panic\+|do_exit|do_group_exit|__x64|do_syscall|entry_SYSCALL)"
+)
 
 
 def log_tail(path: Path | None, lines: int = 4) -> str:

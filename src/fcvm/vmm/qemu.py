@@ -49,9 +49,7 @@ def host_tsc_khz() -> int | None:
 def qemu_binary() -> str:
     path = shutil.which("qemu-system-x86_64")
     if path is None:
-        raise VmmUnavailable(
-            "qemu-system-x86_64 not found", hint="apt-get install qemu-system-x86"
-        )
+        raise VmmUnavailable("qemu-system-x86_64 not found", hint="apt-get install qemu-system-x86")
     return path
 
 
