@@ -1,0 +1,151 @@
+"""Networking of real VMs: published ports in both modes, two VMs on one guest port,
+the host's loopback from inside the container, proxies. Traffic goes only to
+loopback and to namespaces fcvm made."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from tests.conftest import fcvm
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300), pytest.mark.usefixtures("no_leftovers")]
+
+
+def _start(name: str, image: str, *flags: str, cmd: tuple[str, ...]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name, *flags, image, "--", *cmd],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _healthy(name: str, proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
+        for rec in json.loads(fcvm("ls", "--json", check=True).stdout):
+            if rec["name"] == name and rec["health"] == "healthy":
+                return rec  # type: ignore[no-any-return]
+        time.sleep(0.3)
+    raise AssertionError(f"{name} never became healthy")
+
+
+def _stop(*procs: subprocess.Popen[str]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def _httpd(port: int, text: str) -> tuple[str, ...]:
+    """busybox httpd serving `text` on the guest port."""
+    return ("sh", "-c", f"mkdir -p /tmp/w && echo {text} > /tmp/w/i.html && "
+            f"exec httpd -f -p {port} -h /tmp/w")  # fmt: skip
+
+
+def _get(url: str) -> str:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10) as r:
+        return r.read().decode().strip()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_rootless_publish_and_two_vms_on_one_guest_port(test_image: str) -> None:
+    port = _free_port()
+    a = _start("t-net-a", test_image, "--publish", f"{port}:80", cmd=_httpd(80, "vm-a"))
+    b = _start("t-net-b", test_image, "-p", f"{port}:80", cmd=_httpd(80, "vm-b"))
+    try:
+        rec_a, rec_b = _healthy("t-net-a", a), _healthy("t-net-b", b)
+        net_a, net_b = rec_a["network"], rec_b["network"]
+        assert isinstance(net_a, dict) and isinstance(net_b, dict)
+        assert net_a["host_ip"] != net_b["host_ip"]  # one loopback address per VM
+        assert net_a["guest_ip"] == "10.0.2.100"
+        assert net_a["forwards"][0]["host_port"] == port
+        assert _get(f"http://{net_a['host_ip']}:{port}/i.html") == "vm-a"
+        assert _get(f"http://{net_b['host_ip']}:{port}/i.html") == "vm-b"
+    finally:
+        _stop(a, b)
+
+
+def test_bridged_publish(test_image: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("bridged networking needs root")
+    port = _free_port()
+    p = _start("t-net-br", test_image, "--network", "bridged", "-p", f"{port}:8000",
+               cmd=_httpd(8000, "bridged"))  # fmt: skip
+    try:
+        rec = _healthy("t-net-br", p)
+        assert _get(f"http://127.0.0.1:{port}/i.html") == "bridged"
+        net = rec["network"]
+        assert isinstance(net, dict) and net["mode"] == "bridged"
+    finally:
+        _stop(p)
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    assert f"fcvm:{rec['vm_id']}" not in rules
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"host-loopback"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def host_server() -> Iterator[int]:
+    server = HTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_container_reaches_host_loopback_and_gets_proxies(
+    test_image: str, host_server: int
+) -> None:
+    env = {"http_proxy": "http://127.0.0.1:3128", "no_proxy": "example.internal"}
+    proc = fcvm("podman", "run", "--name", "t-net-out", test_image, "--", "sh", "-c",
+                f"http_proxy= wget -qO- http://10.0.2.2:{host_server}/ ; echo; "
+                "echo proxy=$http_proxy; echo no=$no_proxy", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "host-loopback"
+    assert "proxy=http://10.0.2.2:3128" in lines  # the host's loopback, as the guest sees it
+    assert "no=example.internal" in lines
+
+
+def test_published_port_in_use_is_refused_before_boot(test_image: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = fcvm("podman", "run", "--name", "t-net-busy", "--network", "bridged",
+                    "-p", f"127.0.0.1:{port}:80", test_image, "--", "true")  # fmt: skip
+    assert proc.returncode == 125
+    assert str(port) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_publish() -> None:
+    proc = fcvm("podman", "run", "--name", "t-net-bad", "-p", "80:http", "img")
+    assert proc.returncode == 125 and "publish" in proc.stderr.lower()
