@@ -23,6 +23,18 @@ log = logging.getLogger("fcvm.agent")
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+class _UptimeFormatter(logging.Formatter):
+    """Stamps messages with the guest's uptime, like the kernel's own console lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            with open("/proc/uptime") as f:
+                record.uptime = f.read().split()[0]
+        except OSError:
+            record.uptime = "?"
+        return super().format(record)
+
+
 class Agent:
     def __init__(self, session: Session, reaper: procs.Reaper) -> None:
         self.session = session
@@ -77,9 +89,10 @@ async def serve(params: dict[str, str]) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="fcvm-agent: %(levelname)s %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)  # the guest console (console.log on the host)
+    handler.setFormatter(_UptimeFormatter("fcvm-agent [%(uptime)s] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    log.info("started")
     is_init = os.getpid() == 1
     params = system.read_cmdline()
     try:
@@ -91,6 +104,7 @@ def main() -> None:
             system.set_hostname(params.get("hostname", "fcvm"))
             system.bring_up_loopback()
             system.configure_network(params)
+            log.info("system ready")
             os.environ.setdefault(
                 "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
             )
