@@ -50,12 +50,6 @@ class Timings:
             Path(out).write_text(json.dumps(dict(self.marks)))
 
 
-def make_vmm(requested: str, config: VmConfig) -> Vmm:
-    from fcvm.vmm.select import create_vmm
-
-    return create_vmm(requested, config)
-
-
 class Run:
     def __init__(self, plan: RunPlan, stdio: LocalStdio) -> None:
         self.plan = plan
@@ -66,9 +60,13 @@ class Run:
 
     def execute(self) -> int:
         from fcvm.assets import resolve_assets
+        from fcvm.vmm import select
 
         state.reap_stale()
         assets = resolve_assets()
+        # Before anything is created: no usable VMM is bad input, not a teardown.
+        backend = select.plan(self.plan.vmm)
+        logger.info("vmm: %s (%s) - %s", backend.backend, backend.accel, backend.reason)
         guest_image = images.resolve(self.plan.image)
         self.timings.mark("image-ready")
         vm_id = state.new_vm_id()
@@ -106,7 +104,7 @@ class Run:
                 net=net.vmm_net(),
                 netns_exec=net.netns_exec,
             )
-            vmm = make_vmm(self.plan.vmm, config)
+            vmm = select.instantiate(backend, config)
             undo.callback(vmm.stop)
             vmm.start()
             state.update(record, vmm=vmm.name, vmm_pid=vmm.pid, status="booting")

@@ -50,7 +50,8 @@ def image_archives(test_image: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def fcvm_vmm_processes() -> list[str]:
-    """Command lines of VMM processes fcvm started (they carry -name fcvm-<id>)."""
+    """Command lines of VMM processes of test VMs (names starting with "t-", which the
+    guest gets as fcvm.hostname=...), so VMs of a benchmark running alongside don't count."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -59,20 +60,21 @@ def fcvm_vmm_processes() -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (
-            cmdline
-            and cmdline[0].endswith((b"qemu-system-x86_64", b"firecracker"))
-            and any(a.startswith(b"fcvm-") for a in cmdline)
-        ):
+        is_vmm = cmdline[0].endswith((b"qemu-system-x86_64", b"firecracker"))
+        if is_vmm and any(b"fcvm.hostname=t-" in a for a in cmdline):
             found.append(b" ".join(cmdline).decode(errors="replace"))
     return found
 
 
 def vm_dirs() -> set[str]:
-    from fcvm import paths
+    from fcvm import paths, state
 
     d = paths.vms_dir()
-    return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
+    if not d.is_dir():
+        return set()
+    names = {p.name for p in d.iterdir() if p.is_dir()}
+    # VM directories of test VMs only (see fcvm_vmm_processes).
+    return {n for n in names if (r := state.read_record(n)) is None or r.name.startswith("t-")}
 
 
 @pytest.fixture

@@ -229,6 +229,13 @@ def test_health_check_url(test_image: str) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
+        # Right after start the VM is still booting: exec says so instead of hanging.
+        deadline = time.monotonic() + 60
+        while name not in _records() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        early = fcvm("exec", "--name", name, "--", "true")
+        assert early.returncode == 125
+        assert "still starting" in early.stderr
         rec = _wait_health(name, "healthy")
         assert rec["status"] == "running"
     finally:

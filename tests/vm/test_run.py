@@ -134,8 +134,29 @@ def test_kill9_of_fcvm_is_reaped_by_next_command(test_image: str) -> None:
     while time.monotonic() < deadline and any(rec["vm_id"] in c for c in fcvm_vmm_processes()):
         time.sleep(0.1)
     assert not any(str(rec["vm_id"]) in c for c in fcvm_vmm_processes())
-    # ...and the next fcvm command removes the record and directory.
+    # ...so do the network helpers (slirp4netns, the namespace holder)...
+    while time.monotonic() < deadline and _processes_mentioning(str(rec["vm_id"])):
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(rec["vm_id"]))
+    # ...and the next fcvm command removes the record, directory and network lease.
     assert str(rec["vm_id"]) in vm_dirs()
     listed = json.loads(fcvm("ls", "--json", check=True).stdout)
     assert all(r["name"] != "t-kill9" for r in listed)
     assert str(rec["vm_id"]) not in vm_dirs()
+    from fcvm import paths
+
+    leases = paths.net_dir() / "leases.json"
+    assert not leases.exists() or str(rec["vm_id"]) not in leases.read_text()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(cmdline.decode(errors="replace"))
+    return found

@@ -125,7 +125,11 @@ def choose_backend(requested: str = "auto") -> type[Vmm]:
 
 def create_vmm(requested: str, config: VmConfig) -> Vmm:
     """An instance of the chosen backend for `config` (QEMU gets its accelerator)."""
-    choice = plan(requested)
+    return instantiate(plan(requested), config)
+
+
+def instantiate(choice: Choice, config: VmConfig) -> Vmm:
+    """An instance of an already made choice (decide early, build once the config exists)."""
     cls = backend_class(choice.backend)
     if choice.backend == "qemu":
         return cls(config, accel=choice.accel)  # type: ignore[call-arg]
