@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 from fcvm import errors, log
 from fcvm.vmm import fc_api, process
-from fcvm.vmm.base import VmConfig, Vmm
+from fcvm.vmm.base import VmConfig
 from fcvm.vmm.fc_api import ApiClient, ApiRequest, MemBackendType, SnapshotType
 
 _log = log.get("vmm.firecracker")
@@ -50,7 +49,7 @@ MAX_UNIX_PATH = 107
 SNAPSHOT_TIMEOUT = 120.0  # writing/reading guest memory can take a while
 
 
-class FirecrackerVmm(Vmm):
+class FirecrackerVmm(process.ProcessVmm):
     name = "firecracker"
 
     def __init__(
@@ -75,7 +74,6 @@ class FirecrackerVmm(Vmm):
         self.log_level: fc_api.LogLevel = (
             "Debug" if os.environ.get("FCVM_LOG", "").lower() == "debug" else "Warning"
         )
-        self._proc: subprocess.Popen[bytes] | None = None
         self._api: ApiClient | None = None
         self.sent: list[ApiRequest] = []  # every request sent, in order (for diagnostics)
 
@@ -196,13 +194,6 @@ class FirecrackerVmm(Vmm):
             self.stop(timeout=1.0)
             raise
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def poll(self) -> int | None:
-        return self._proc.poll() if self._proc else None
-
     async def open_agent_stream(
         self, timeout: float
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -210,14 +201,8 @@ class FirecrackerVmm(Vmm):
 
         return await connect_firecracker_vsock(str(self.vsock_path), self.vsock_port, timeout)
 
-    def failure_detail(self) -> str:
-        """What Firecracker and the guest console said last, for error messages."""
-        parts = [
-            process.log_tail(self.log_path),
-            process.log_tail(self.vmm_log_path),
-            process.log_tail(self.config.console_log),
-        ]
-        return " | ".join(p for p in parts if p)
+    def log_files(self) -> list[Path | None]:
+        return [self.log_path, self.vmm_log_path, self.config.console_log]
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; reaps. Idempotent, never raises.
@@ -229,7 +214,7 @@ class FirecrackerVmm(Vmm):
             with contextlib.suppress(Exception):
                 self._api.close()
             self._api = None
-        process.terminate(self._proc, timeout)
+        super().stop(timeout)
 
     # --- snapshots -------------------------------------------------------------
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fcvm.vmm.base import VmConfig, Vmm
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -81,3 +83,29 @@ def log_tail(path: Path | None, lines: int = 4) -> str:
         if line and not _NOISE.match(line) and not line.startswith("Kernel Offset"):
             useful.append(line)
     return " | ".join(useful[-lines:])
+
+
+class ProcessVmm(Vmm):
+    """A backend whose VMM is one child process, explained by its log files."""
+
+    def __init__(self, config: VmConfig) -> None:
+        super().__init__(config)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def log_files(self) -> list[Path | None]:
+        """Logs worth quoting when the VM fails, most specific last."""
+        return [self.config.console_log]
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def poll(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def failure_detail(self) -> str:
+        """What the VMM and the guest console said last, for error messages."""
+        return " | ".join(t for t in map(log_tail, self.log_files()) if t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        terminate(self._proc, timeout)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import shutil
-import subprocess
 from pathlib import Path
 
 from fcvm.errors import VmmUnavailable
 from fcvm.vmm import process
-from fcvm.vmm.base import VmConfig, Vmm
+from fcvm.vmm.base import VmConfig
+from fcvm.vmm.process import ProcessVmm
 
 AGENT_PORT_NAME = "fcvm.0"
 BASE_CMDLINE = (
@@ -53,13 +53,12 @@ def qemu_binary() -> str:
     return path
 
 
-class QemuVmm(Vmm):
+class QemuVmm(ProcessVmm):
     name = "qemu"
 
     def __init__(self, config: VmConfig, accel: str = "tcg") -> None:
         super().__init__(config)
         self.accel = accel
-        self._proc: subprocess.Popen[bytes] | None = None
         self.agent_socket = config.workdir / "agent.sock"
         self.qmp_socket = config.workdir / "qmp.sock"
         self.log_path = config.workdir / "qemu.log"
@@ -110,13 +109,6 @@ class QemuVmm(Vmm):
     def start(self) -> None:
         self._proc = process.spawn(self.argv(), log_path=self.log_path)
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def poll(self) -> int | None:
-        return self._proc.poll() if self._proc else None
-
     async def open_agent_stream(
         self, timeout: float
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -124,12 +116,10 @@ class QemuVmm(Vmm):
 
         return await connect_unix(str(self.agent_socket), timeout)
 
-    def failure_detail(self) -> str:
-        """What QEMU and the guest console said last, for error messages."""
-        parts = [process.log_tail(self.log_path), process.log_tail(self.config.console_log)]
-        return " | ".join(p for p in parts if p)
+    def log_files(self) -> list[Path | None]:
+        return [self.log_path, self.config.console_log]
 
     def stop(self, timeout: float = 5.0) -> None:
         # The root disk is read-only and the container's state lives in guest RAM,
         # so there is nothing to flush: a plain kill is a correct shutdown.
-        process.terminate(self._proc, timeout)
+        super().stop(timeout)
