@@ -3,7 +3,9 @@
  * speaking the same protocol as `fcvm snapshot serve` (Firecracker's: one message with
  * a JSON array of {base_host_virt_addr, size, offset, ...} plus the uffd as
  * SCM_RIGHTS). It serves one VM at a time, every fault with one 4 KiB UFFDIO_COPY from
- * a read-only shared mapping of the memory file, until the VM closes its socket.
+ * a read-only shared mapping of the memory file (MAP_POPULATE, as the Python server
+ * populates its mapping too: UFFDIO_COPY from an unmapped source page costs the kernel
+ * a fault-and-retry), until the VM closes its socket.
  * No zero-page detection, no blocks, no prefetch: the reference the Python server is
  * measured against.
  *
@@ -146,7 +148,7 @@ int main(int argc, char **argv)
         perror("memory file");
         return 1;
     }
-    const char *mem = mmap(NULL, st.st_size, PROT_READ, MAP_SHARED, mfd, 0);
+    const char *mem = mmap(NULL, st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, mfd, 0);
     if (mem == MAP_FAILED) {
         perror("mmap");
         return 1;

@@ -28,6 +28,7 @@ import pytest
 from fcvm.snapshot import layout, uffd
 from fcvm.snapshot.pageserver import PageServer
 from tests.conftest import REPO, fcvm
+from tests.host import uffd_driver
 
 pytestmark = pytest.mark.host
 DRIVER = Path(__file__).with_name("uffd_driver.py")
@@ -100,7 +101,12 @@ class Served:
 def serve(tmp_path: Path) -> Iterator[Any]:
     servers: list[Served] = []
 
-    def make(block_size: int = 4096, prefetch: bool = False, size: int = 16 * MiB) -> Served:
+    def make(
+        block_size: int = 4096,
+        prefetch: bool = False,
+        size: int = 16 * MiB,
+        populate: bool = True,
+    ) -> Served:
         memory = tmp_path / "memory"
         if not memory.exists():
             make_memory(memory, size)
@@ -111,6 +117,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
             block_size=block_size,
             prefetch=prefetch,
             workingset_path=tmp_path / "workingset",
+            populate=populate,
         )
         server.open()
         served = Served(server, memory, sock)
@@ -135,6 +142,20 @@ def test_one_driver_every_byte(serve: Any, method: str, pattern: str) -> None:
     stats = s.stats()
     assert stats["pages_copied"] + stats["pages_zero"] >= 4096
     assert stats["pages_zero"] >= 256  # the zero MiB went through UFFDIO_ZEROPAGE
+
+
+@pytest.mark.parametrize("populate", [False, True])
+@pytest.mark.parametrize("toucher", ["python", "c"])
+def test_blocks_source_population_and_touchers(serve: Any, populate: bool, toucher: str) -> None:
+    # With or without the source mapping populated, with either toucher: every byte
+    # right, and the all-zero MiB still detected (in 64 KiB blocks).
+    if toucher == "c" and uffd_driver.native_toucher() is None:
+        pytest.skip("no gcc to build the C toucher")
+    s = serve(block_size=64 * 1024, populate=populate)
+    result = s.drive("--pattern", "random", "--toucher", toucher)
+    assert_all_bytes_right(result)
+    assert result["toucher"] == toucher
+    assert s.stats()["pages_zero"] >= 256
 
 
 def test_write_faults(serve: Any) -> None:

@@ -69,7 +69,9 @@ PAGE = 4096
 PAGE_SHIFT = 12
 MAX_HANDSHAKE = 64 * 1024
 MAX_FDS = 8
-PREFETCH_CHUNK = 1 << 20
+PREFETCH_CHUNK = 4 << 20
+POPULATE_CHUNK = 64 << 20
+MADV_POPULATE_READ = 22  # Linux 5.14+
 READ_EVENTS = 64
 # peer.state values
 MISSING, PRESENT, REMOVED, UNMAPPED = 0, 1, 2, 3
@@ -215,6 +217,7 @@ class PageServer:
         zero_pages: bool = True,
         handshake_timeout: float = 5.0,
         drain_timeout: float = 60.0,
+        populate: bool = True,
     ) -> None:
         if block_size < PAGE or block_size & (block_size - 1):
             raise ValueError(f"block size must be a power of two >= {PAGE}: {block_size}")
@@ -227,13 +230,16 @@ class PageServer:
         self.zero_pages = zero_pages
         self.handshake_timeout = handshake_timeout
         self.drain_timeout = drain_timeout
+        self.populate = populate
+        self._populator: threading.Thread | None = None
+        self._populate_stop = threading.Event()
 
         self.file_size = 0
         self.npages = 0
         self._addr = 0  # the memory file's read-only mapping
         self._zero_addr = self._zero_len = 0
         self._view: memoryview | None = None
-        self._zeros = memoryview(b"")
+        self._zeros = b""  # (bytes.startswith(view) is a memcmp; view == view is ~40x slower)
         self._ws: bytearray | None = None
         self._ep: select.epoll | None = None
         self._listener: socket.socket | None = None
@@ -250,7 +256,6 @@ class PageServer:
         self._res = uffd.Resolver()
         self._copy_buf = bytearray(uffd.COPY.size)
         self._stats_lock = threading.Lock()
-        self._zero_page = memoryview(bytes(PAGE))
         self._ones = b"\x01" * (max(block_size, PREFETCH_CHUNK) // PAGE)
         self.refusals: collections.deque[str] = collections.deque(maxlen=100)
         self.counters: dict[str, int] = collections.Counter(
@@ -375,9 +380,40 @@ class PageServer:
         self.file_size = size
         self.npages = size // PAGE
         self._view = memoryview((ctypes.c_ubyte * size).from_address(self._addr)).cast("B")
-        self._zeros = memoryview(bytes(max(self.block_size, PREFETCH_CHUNK)))
+        self._zeros = bytes(max(self.block_size, PREFETCH_CHUNK))
+        if self.populate:
+            self._populate_stop.clear()
+            self._populator = threading.Thread(
+                target=self._populate_source, name="fcvm-populate", daemon=True
+            )
+            self._populator.start()
+
+    def _populate_source(self) -> None:
+        """Fill in our read-only mapping's page table (MADV_POPULATE_READ), beside serving.
+
+        UFFDIO_COPY reads its source with page faults disabled; a source page not yet
+        mapped here makes the kernel drop its locks, fault it in and retry, which costs
+        ~0.2-0.4 us per 4 KiB page on these hosts (UFFDIO_COPY of 4 MiB: 1.4 us/page from
+        a fresh mapping, 1.05-1.2 us/page from a populated one). Reads the file into the
+        page cache where it is not yet (which the VMs would need anyway)."""
+        libc = _libc()
+        addr, size = self._addr, self.file_size
+        t0 = time.monotonic()
+        for off in range(0, size, POPULATE_CHUNK):
+            if self._populate_stop.is_set():
+                return
+            n = min(POPULATE_CHUNK, size - off)
+            if libc.madvise(ctypes.c_void_p(addr + off), ctypes.c_size_t(n), MADV_POPULATE_READ):
+                err = ctypes.get_errno()
+                log.debug("MADV_POPULATE_READ of the memory file: %s", os.strerror(err))
+                return
+        log.debug("memory file mapping populated in %.3f s", time.monotonic() - t0)
 
     def _unmap_memory(self) -> None:
+        if self._populator is not None:
+            self._populate_stop.set()
+            self._populator.join()
+            self._populator = None
         if self._addr:
             if self._view is not None:
                 self._view.release()
@@ -658,7 +694,7 @@ class PageServer:
                 self.zero_pages
                 and not view[foff]  # type: ignore[index]
                 and not view[foff + PAGE - 1]  # type: ignore[index]
-                and view[foff : foff + PAGE] == self._zero_page  # type: ignore[index]
+                and self._zeros.startswith(view[foff : foff + PAGE])  # type: ignore[index]
             ):
                 _ZERO_PACK(buf, 0, r.base + rel, PAGE, 0, 0)
                 req = UFFDIO_ZEROPAGE
@@ -690,7 +726,7 @@ class PageServer:
         if (
             self.zero_pages
             and r.page_size == PAGE
-            and (self._view[foff : foff + length] == self._zeros[:length])
+            and self._zeros.startswith(self._view[foff : foff + length])
         ):
             done, err = self._res.zeropage(peer.uffd, dst, length)
             if not err:
@@ -872,7 +908,7 @@ class PageServer:
                 if (
                     self.zero_pages
                     and r.page_size == PAGE
-                    and (self._view[foff : foff + nbytes] == self._zeros[:nbytes])
+                    and self._zeros.startswith(self._view[foff : foff + nbytes])
                 ):
                     done, err = res.zeropage(
                         peer.uffd, dst, nbytes, uffd.UFFDIO_ZEROPAGE_MODE_DONTWAKE
@@ -998,6 +1034,7 @@ def _libc() -> ctypes.CDLL:
             ctypes.c_long,
         ]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _libc_cache = libc
     return _libc_cache
 
