@@ -34,7 +34,10 @@ def base_dir() -> Path:
 
 
 def assets_dir() -> Path:
-    return base_dir() / "assets"
+    """$FCVM_ASSETS_DIR lets users share one set of guest assets (built by root)
+    while keeping their own state in their own base directory."""
+    env = os.environ.get("FCVM_ASSETS_DIR")
+    return Path(env) if env else base_dir() / "assets"
 
 
 def download_cache_dir() -> Path:

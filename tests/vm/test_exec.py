@@ -182,7 +182,8 @@ def tmux() -> Iterator[Tmux]:
 
 
 def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> None:
-    """Type into sh, follow a resize, Ctrl-C a program, edit with vi, restore the terminal."""
+    """Type into sh, follow a resize, Ctrl-C and Ctrl-Z a program, edit with vi, leave
+    with Ctrl-D, and find the host terminal as it was."""
     before, after = f"{tmp_path}/stty.before", f"{tmp_path}/stty.after"
     fcvm_cmd = shlex.join(
         [sys.executable, "-m", "fcvm", "exec", "--name", service, "-it", "--", "sh"]
@@ -202,6 +203,12 @@ def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> Non
     tmux.wait_for("^C")
     tmux.send("echo rc=$?", "Enter")
     tmux.wait_for("rc=130")
+    # Ctrl-Z stops the foreground job of the guest's shell (job control works).
+    tmux.send("clear; sleep 200", "Enter")
+    time.sleep(1.5)
+    tmux.send("C-z")
+    tmux.wait_for("Stopped")
+    tmux.send("kill -9 %1", "Enter")
     # A full-screen editor.
     tmux.send("clear; vi /tmp/edited.txt", "Enter")
     tmux.wait_for("/tmp/edited.txt")
@@ -212,7 +219,7 @@ def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> Non
     tmux.send(":wq", "Enter")
     tmux.send("clear; cat /tmp/edited.txt", "Enter")
     tmux.wait_for("hello from vi")
-    tmux.send("exit", "Enter")
+    tmux.send("C-d")  # EOF to the shell ends the session
     tmux.wait_for("DONE-0")
     with open(before) as b, open(after) as a:
         assert b.read() == a.read(), "host terminal settings were not restored"

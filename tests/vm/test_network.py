@@ -149,3 +149,50 @@ def test_published_port_in_use_is_refused_before_boot(test_image: str) -> None:
 def test_malformed_publish() -> None:
     proc = fcvm("podman", "run", "--name", "t-net-bad", "-p", "80:http", "img")
     assert proc.returncode == 125 and "publish" in proc.stderr.lower()
+
+
+@pytest.fixture
+def tun_open_to_all() -> Iterator[None]:
+    """Unprivileged TAP creation needs /dev/net/tun at 0666 (udev's usual mode; it is
+    0600 on our CI machines). Loosened for this test only, then restored."""
+    mode = os.stat("/dev/net/tun").st_mode & 0o777
+    os.chmod("/dev/net/tun", 0o666)
+    yield
+    os.chmod("/dev/net/tun", mode)
+
+
+def test_rootless_run_as_unprivileged_user(
+    image_archives: dict[str, object], host_server: int, tun_open_to_all: None
+) -> None:
+    """The whole run as uid 65534: user+net namespace, slirp4netns, QEMU/TCG, the
+    host's loopback from the container. Assets are root's, shared via FCVM_ASSETS_DIR."""
+    import shutil
+
+    from fcvm import paths
+
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs root to become an unprivileged user, setpriv and /usr/bin/python3")
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="fcvm-nobody-")  # pytest's tmp_path is root-only
+    os.chmod(home, 0o755)
+    os.chown(home, 65534, 65534)
+    archive = f"{home}/image.oci.tar"
+    shutil.copy(str(image_archives["oci-archive"]), archive)
+    os.chmod(archive, 0o644)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__import__("fcvm").__file__)))
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home, "PYTHONPATH": src,
+        "FCVM_BASE_DIR": f"{home}/base", "FCVM_ASSETS_DIR": str(paths.assets_dir()),
+    }  # fmt: skip
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "/usr/bin/python3", "-m", "fcvm", "podman", "run", "--name", "t-nobody",
+         f"oci-archive:{archive}", "--", "sh", "-c",
+         f"wget -qO- http://10.0.2.2:{host_server}/; echo; id -u"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=home,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["host-loopback", "0"]  # root in the container only
+    assert os.listdir(f"{home}/base/vms") == [".lock"]  # nothing left of the VM
+    shutil.rmtree(home)

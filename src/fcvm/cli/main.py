@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a file or device fcvm needs is not there or not allowed
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"fcvm: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 125
     except Exception as exc:  # a bug of ours: one line, the traceback only when asked
         import logging
 
