@@ -24,6 +24,10 @@ from fcvm.terminal import raw_mode, window_size
 logger = log.get("remote")
 
 
+class SessionLost(GuestError):
+    """The agent's session or a process channel ended without an exit code."""
+
+
 class RemoteProcessError(FcvmError):
     """The guest could not run the process; carries podman's 125/126/127."""
 
@@ -185,7 +189,7 @@ async def _attach(
         while True:
             event = await proc.recv_json()
             if event is None:
-                raise GuestError("the guest agent closed the process channel without an exit code")
+                raise SessionLost("the guest agent closed the process channel without an exit code")
             kind = event.get("event")
             if on_event is not None:
                 on_event(event)

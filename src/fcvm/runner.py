@@ -23,11 +23,14 @@ from fcvm.errors import GuestError, ProtocolError
 from fcvm.net import parse_publish, setup_network
 from fcvm.plan import RunPlan
 from fcvm.relay import start_relay
-from fcvm.remote import LocalStdio, run_remote
+from fcvm.remote import LocalStdio, SessionLost, run_remote
+from fcvm.session import SessionClosed
 from fcvm.vmm.base import Drive, VmConfig, Vmm
 
 logger = log.get("runner")
 
+# Failures that may just be the VMM dying under us (the watchdog then says so).
+LOST_SESSION = (SessionLost, SessionClosed, ConnectionError, BrokenPipeError)
 EXEC_SOCKET = "exec.sock"  # where `fcvm exec` reaches the relay (see relay.py)
 BOOT_TIMEOUT = float(os.environ.get("FCVM_BOOT_TIMEOUT", "90"))
 
@@ -151,7 +154,7 @@ class Run:
         try:
             work = asyncio.create_task(self._session(vmm, record, guest_image))
             done, _ = await asyncio.wait({work, watchdog}, return_when=asyncio.FIRST_COMPLETED)
-            if work in done and work.exception() is not None:
+            if work in done and isinstance(work.exception(), LOST_SESSION):
                 # A lost session usually means the VMM died: prefer saying that.
                 await asyncio.wait({watchdog}, timeout=0.5)
                 if watchdog.done():

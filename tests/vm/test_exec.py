@@ -78,6 +78,13 @@ def test_vm_flag_runs_in_the_guest_not_the_container(service: str) -> None:
     assert fcvm("exec", "--name", service, "--", *probe).stdout == "container\n"
 
 
+def test_agent_reaps_orphans(service: str) -> None:
+    """PID 1 (the agent) inherits orphans and must reap them: no zombies pile up."""
+    script = "for i in 1 2 3 4 5; do (sleep 0.1 &) ; done; sleep 1; ps -eo stat= | grep -c ^Z"
+    proc = fcvm("exec", "--name", service, "--vm", "--", "sh", "-c", script)
+    assert proc.stdout.strip() == "0", proc.stdout + proc.stderr
+
+
 def test_exec_by_pid(service: str) -> None:
     pid = _records()[service]["pid"]
     proc = fcvm("exec", "--pid", str(pid), "--", "hostname")

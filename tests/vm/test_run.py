@@ -160,3 +160,14 @@ def _processes_mentioning(text: str) -> list[str]:
             if text.encode() in cmdline:
                 found.append(cmdline.decode(errors="replace"))
     return found
+
+
+def test_registry_reference_is_pulled_in_the_guest_and_fails_clearly(guest_assets: None) -> None:
+    """No registry is reachable here: the pull path runs in the guest and its failure is
+    one clear line (with podman's reason), exit 125."""
+    proc = fcvm(
+        "podman", "run", "--name", "t-pull", "docker.io/library/alpine:latest", "--", "true"
+    )
+    assert proc.returncode == 125
+    assert "cannot pull docker.io/library/alpine:latest in the guest" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -87,7 +87,8 @@ async def prepare_image(spec: dict[str, Any], reaper: procs.Reaper, phase: Any) 
     await phase("image-pull")
     code, text = await _run_quiet(["podman", "pull", "-q", ref], reaper)
     if code != 0:
-        raise ProcError(f"cannot pull {ref} in the guest: {text.splitlines()[-1:]}", 125)
+        last = text.splitlines()[-1] if text else f"podman pull exited {code}"
+        raise ProcError(f"cannot pull {ref} in the guest: {last}", 125)
     await phase("image-loaded")
     return ref
 
