@@ -37,15 +37,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import ensure_setup, fcvm_cmd, load_avg, pct, records, report, require_root, stop
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src")]
@@ -66,31 +66,6 @@ class BenchError(Exception):
     pass
 
 
-def fcvm_cmd() -> list[str]:
-    """The installed console script next to this interpreter, else `python -m fcvm`."""
-    script = Path(sys.executable).parent / "fcvm"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "fcvm"]
-
-
-def pct(samples: list[float], scale: float = 1000.0, nd: int = 2) -> dict[str, object]:
-    vals = sorted(v * scale for v in samples)
-    p95 = statistics.quantiles(vals, n=20, method="inclusive")[18] if len(vals) > 1 else vals[0]
-    return {
-        "p50": round(statistics.median(vals), nd),
-        "p95": round(p95, nd),
-        "min": round(vals[0], nd),
-        "max": round(vals[-1], nd),
-        "samples": [round(v * scale, nd) for v in samples],
-    }
-
-
-def records() -> list[dict[str, object]]:
-    out = subprocess.run(
-        [*fcvm_cmd(), "ls", "--json"], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-    return [r for r in json.loads(out) if r.get("name") == NAME]
-
-
 def start_vm(log: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     with log.open("wb") as err:
         proc = subprocess.Popen(
@@ -103,24 +78,13 @@ def start_vm(log: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{NAME} exited {proc.returncode}: {log.read_text().strip()}")
-        for rec in records():
+        for rec in records(NAME, exact=True):
             if rec.get("pid") == proc.pid and rec.get("health"):
                 if rec["health"] != "healthy":
                     raise BenchError(f"{NAME} is {rec['health']}")
                 return proc, rec
         time.sleep(0.3)
     return proc, {}
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (fcvm cleans up), then SIGKILL after 30 s (the next fcvm reaps)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def inproc(sock: Path, mode: str, runs: int) -> dict[str, list[float]]:
@@ -222,33 +186,19 @@ def bench_stdin(mbytes: int, reps: int, cli_p50: dict[str, float]) -> dict[str, 
     return out
 
 
-def ensure_setup() -> None:
-    subprocess.run([*fcvm_cmd(), "setup"], check=True, capture_output=True, timeout=900)
-
-
-def dumps(obj: object, indent: int = 0) -> str:
-    """JSON with leaf objects and lists on one line each."""
-    pad = " " * indent
-    if isinstance(obj, dict) and any(isinstance(v, dict) for v in obj.values()):
-        inner = ",\n".join(f"{pad} {json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items())
-        return "{\n" + inner + "\n" + pad + "}"
-    return json.dumps(obj)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20, help="exec latency samples (default 20)")
     ap.add_argument("--mbytes", type=int, default=50, help="MB piped per transfer (default 50)")
     ap.add_argument("--reps", type=int, default=3, help="transfers per path (default 3)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench_exec: run as root (VMs here need it)")
+    require_root("bench_exec", "VMs here need it")
     ensure_setup()
     out: dict[str, object] = {
         "bench": "exec",
         "fcvm": " ".join(fcvm_cmd()),
         "nproc": os.cpu_count(),
-        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "load_avg_start": load_avg(),
         "runs": args.runs,
     }
     errors: list[str] = []
@@ -278,15 +228,7 @@ def main() -> int:
         finally:
             if proc is not None:
                 stop(proc)
-    left = records()
-    if left:
-        errors.append(f"left behind: {[r['name'] for r in left]}")
-    out["leftovers"] = [r["name"] for r in left]
-    out["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    if errors:
-        out["errors"] = errors
-    print(dumps(out))
-    return 1 if errors else 0
+    return report(out, errors, records(NAME, exact=True))
 
 
 if __name__ == "__main__":

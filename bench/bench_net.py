@@ -26,38 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import SINK, free_port
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
 from fcvm.net import parse_publish, setup_network  # noqa: E402
 from tests.host.test_net_support import FakeGuest  # noqa: E402
 
-SINK = r"""
-import socket, sys
-l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind((sys.argv[1], int(sys.argv[2]))); l.listen(4); print("up", flush=True)
-buf = bytearray(1 << 20)
-while True:
-    c, _ = l.accept(); n = 0
-    while True:
-        k = c.recv_into(buf)
-        if not k: break
-        n += k
-    c.sendall(str(n).encode()); c.close()
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def sink(prefix: tuple[str, ...], host: str, port: int) -> subprocess.Popen[str]:
     p = subprocess.Popen(
         [*prefix, sys.executable, "-c", SINK, host, str(port)], stdout=subprocess.PIPE, text=True
     )
-    assert p.stdout is not None and p.stdout.readline().strip() == "up"
+    assert p.stdout is not None and int(p.stdout.readline()) == port
     return p
 
 

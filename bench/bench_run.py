@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from common import ensure_setup, fcvm_cmd, load_avg, records, report, require_root, stats, stop
 
 IMAGE = "localhost/fcvm-busybox"
 PREFIX = "bench-run-"
@@ -75,49 +76,10 @@ PHASES = (  # name, from mark, to mark ("" = runner clock start)
 )
 
 
-def fcvm_cmd() -> list[str]:
-    """The installed console script next to this interpreter, else `python -m fcvm`."""
-    script = Path(sys.executable).parent / "fcvm"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "fcvm"]
-
-
-def stats(samples: list[float], scale: float = 1.0, nd: int = 4) -> dict[str, object]:
-    vals = [v * scale for v in samples]
-    return {
-        "median": round(statistics.median(vals), nd),
-        "min": round(min(vals), nd),
-        "max": round(max(vals), nd),
-        "samples": [round(v, nd) for v in vals],
-    }
-
-
 def wall(argv: list[str], env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, env=env, timeout=600)
     return time.perf_counter() - t0
-
-
-def my_records(prefix: str) -> list[dict[str, object]]:
-    out = subprocess.run(
-        [*fcvm_cmd(), "ls", "--json"], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-    return [r for r in json.loads(out) if str(r.get("name", "")).startswith(prefix)]
-
-
-def ensure_setup() -> float:
-    """`fcvm setup` (a no-op when current); its wall time."""
-    return wall([*fcvm_cmd(), "setup"])
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (fcvm cleans up), then SIGKILL after 30 s (the next fcvm reaps)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass
@@ -237,26 +199,16 @@ def cold_setup() -> dict[str, object]:
     return {"wall_s": round(t, 2)}
 
 
-def dumps(obj: object, indent: int = 0) -> str:
-    """JSON with leaf objects and lists on one line each."""
-    pad = " " * indent
-    if isinstance(obj, dict) and any(isinstance(v, dict) for v in obj.values()):
-        inner = ",\n".join(f"{pad} {json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items())
-        return "{\n" + inner + "\n" + pad + "}"
-    return json.dumps(obj)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="counted podman runs (default 5)")
     ap.add_argument("--cli-runs", type=int, default=10, help="runs per CLI command (default 10)")
     ap.add_argument("--cold-setup", action="store_true", help="also time a cold setup (minutes)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench_run: run as root (fcvm setup and VMs here need it)")
+    require_root("bench_run", "fcvm setup and VMs here need it")
 
     out: dict[str, object] = {"bench": "run", "fcvm": " ".join(fcvm_cmd()), "nproc": os.cpu_count()}
-    out["load_avg_start"] = [round(x, 2) for x in os.getloadavg()]
+    out["load_avg_start"] = load_avg()
     out["first_setup_s"] = round(ensure_setup(), 3)  # builds if the agent changed
     ensure_setup()
     out["cached_setup_s"] = stats([ensure_setup() for _ in range(args.cli_runs)])
@@ -266,20 +218,13 @@ def main() -> int:
         try:
             out["podman_run"], errors = bench_podman_run(args.runs, Path(tmp))
         finally:
-            left = my_records(PREFIX)
+            left = records(PREFIX)
     if args.cold_setup:
         cold = cold_setup()
         out["cold_setup"] = cold
         if "error" in cold:
             errors.append(f"cold setup: {cold['error']}")
-    out["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    if left:
-        errors.append(f"left behind: {[r['name'] for r in left]}")
-    out["leftovers"] = [r["name"] for r in left]
-    if errors:
-        out["errors"] = errors
-    print(dumps(out))
-    return 1 if errors else 0
+    return report(out, errors, left)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +40,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import (
+    SINK,
+    ensure_setup,
+    fcvm_cmd,
+    free_port,
+    load_avg,
+    records,
+    report,
+    require_root,
+    stats,
+    stop,
+)
+
 IMAGE = "localhost/fcvm-busybox"
 PREFIX = "bench-net-"
 GUEST_PORT = 5001
@@ -49,51 +61,9 @@ HEALTH_TIMEOUT = 180.0
 READY_TIMEOUT = 60.0
 IO_TIMEOUT = 300.0
 
-LOCAL_SINK = r"""
-import socket, sys
-l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("127.0.0.1", 0)); l.listen(4); print(l.getsockname()[1], flush=True)
-buf = bytearray(1 << 20)
-while True:
-    c, _ = l.accept(); n = 0
-    while True:
-        k = c.recv_into(buf)
-        if not k: break
-        n += k
-    c.sendall(b"%d\n" % n); c.close()
-"""
-
 
 class BenchError(Exception):
     pass
-
-
-def fcvm_cmd() -> list[str]:
-    """The installed console script next to this interpreter, else `python -m fcvm`."""
-    script = Path(sys.executable).parent / "fcvm"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "fcvm"]
-
-
-def stats(samples: list[float], nd: int = 2) -> dict[str, object]:
-    return {
-        "median": round(statistics.median(samples), nd),
-        "min": round(min(samples), nd),
-        "max": round(max(samples), nd),
-        "samples": [round(v, nd) for v in samples],
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def my_records() -> list[dict[str, object]]:
-    out = subprocess.run(
-        [*fcvm_cmd(), "ls", "--json"], check=True, capture_output=True, text=True, timeout=60
-    ).stdout
-    return [r for r in json.loads(out) if str(r.get("name", "")).startswith(PREFIX)]
 
 
 def transfer(host: str, port: int, nbytes: int, timeout: float = IO_TIMEOUT) -> float:
@@ -132,17 +102,6 @@ def wait_ready(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
     raise BenchError(f"no answer from the sink at {host}:{port} within {READY_TIMEOUT}s: {last}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (fcvm cleans up), then SIGKILL after 30 s (the next fcvm reaps)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass
 class VmResult:
     secs: list[float]  # per transfer
@@ -170,7 +129,7 @@ def one_vm(mode: str, name: str, nbytes: int, reps: int, tmp: Path) -> VmResult:
         while not rec and time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise BenchError(f"{name} exited {proc.returncode}: {log.read_text().strip()}")
-            rec = next((r for r in my_records() if r["pid"] == proc.pid and r["health"]), {})
+            rec = next((r for r in records(PREFIX) if r["pid"] == proc.pid and r["health"]), {})
             time.sleep(0.3)
         if rec.get("health") != "healthy":
             raise BenchError(f"{name}: not healthy within {HEALTH_TIMEOUT:.0f}s ({rec})")
@@ -193,7 +152,9 @@ def one_vm(mode: str, name: str, nbytes: int, reps: int, tmp: Path) -> VmResult:
 
 
 def loopback(nbytes: int, reps: int) -> list[float]:
-    p = subprocess.Popen([sys.executable, "-c", LOCAL_SINK], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", SINK, "127.0.0.1", "0"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert p.stdout is not None
         port = int(p.stdout.readline())
@@ -214,15 +175,6 @@ def rate(mbytes: int, secs: list[float]) -> dict[str, object]:
     }
 
 
-def dumps(obj: object, indent: int = 0) -> str:
-    """JSON with leaf objects and lists on one line each."""
-    pad = " " * indent
-    if isinstance(obj, dict) and any(isinstance(v, dict) for v in obj.values()):
-        inner = ",\n".join(f"{pad} {json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in obj.items())
-        return "{\n" + inner + "\n" + pad + "}"
-    return json.dumps(obj)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mbytes", type=int, default=64, help="MB per transfer (default 64)")
@@ -230,15 +182,14 @@ def main() -> int:
     ap.add_argument("--vms", type=int, default=2, help="VMs per mode (default 2)")
     ap.add_argument("--modes", default="rootless,bridged", help="comma-separated modes")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench_vm_net: run as root (bridged mode and VMs here need it)")
+    require_root("bench_vm_net", "bridged mode and VMs here need it")
     modes = [m for m in args.modes.split(",") if m]
-    subprocess.run([*fcvm_cmd(), "setup"], check=True, capture_output=True, timeout=900)
+    ensure_setup()
     nbytes = args.mbytes << 20
     out: dict[str, object] = {
         "bench": "vm_net",
         "nproc": os.cpu_count(),
-        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "load_avg_start": load_avg(),
         "transfer_mbytes": args.mbytes,
         "reps_per_vm": args.reps,
         "vms_per_mode": args.vms,
@@ -265,20 +216,12 @@ def main() -> int:
             mbs = statistics.median(args.mbytes / t for t in secs)
             entry["ratio_to_loopback"] = round(mbs / lo_mbs, 4)
             tp[mode] = entry
-            setup_ms[mode] = stats([r.net_setup * 1000 for r in runs])
-            teardown_ms[mode] = stats([r.teardown * 1000 for r in runs])
+            setup_ms[mode] = stats([r.net_setup for r in runs], scale=1000, nd=2)
+            teardown_ms[mode] = stats([r.teardown for r in runs], scale=1000, nd=2)
     out["throughput"] = tp
     out["network_setup_ms"] = setup_ms
     out["vm_teardown_ms"] = teardown_ms
-    left = my_records()
-    if left:
-        errors.append(f"left behind: {[r['name'] for r in left]}")
-    out["leftovers"] = [r["name"] for r in left]
-    out["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    if errors:
-        out["errors"] = errors
-    print(dumps(out))
-    return 1 if errors else 0
+    return report(out, errors, records(PREFIX))
 
 
 if __name__ == "__main__":
