@@ -34,6 +34,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import io
 import itertools
 import json
 import mmap
@@ -60,7 +61,6 @@ from fcvm.snapshot.uffd import (
     UFFD_EVENT_REMOVE,
     UFFD_EVENT_UNMAP,
     UFFDIO_COPY,
-    UFFDIO_ZEROPAGE,
 )
 
 log = get("snapshot.pageserver")
@@ -79,9 +79,10 @@ _MISSING_RUN = re.compile(b"\x00+")
 _TOUCHED_RUN = re.compile(b"\x01+")
 _UCRED = struct.Struct("3i")
 
-_MSG_UNPACK = MSG.unpack
-_COPY_PACK = uffd.COPY.pack_into
-_ZERO_PACK = uffd.ZEROPAGE.pack_into
+_MSG_UNPACK_FROM = MSG.unpack_from
+# The page-at-a-time UFFDIO_COPY argument is prebuilt (len = PAGE, mode 0) and only its
+# dst and src are rewritten per fault; `copy` is output only (the kernel never reads it).
+_SRC_DST_PACK = struct.Struct("=QQ").pack_into
 _ioctl = fcntl.ioctl
 _EPOLLIN = select.EPOLLIN
 _EPOLLBAD = select.EPOLLHUP | select.EPOLLERR
@@ -171,6 +172,8 @@ class _Peer:
     state: bytearray
     touched: bytearray | None
     pidfd: int = -1
+    # readinto() of the uffd (a FileIO that does not own it): None when nothing is pending
+    readinto: Callable[[bytearray], int | None] = field(default=lambda buf: None, repr=False)
     # Prefetch/drain work, consumed by the prefetch thread under `lock`; the main
     # thread takes `lock` (and clears `alive`) before it closes the uffd.
     prefetch: Iterator[tuple[Region, int, int]] | None = None
@@ -254,7 +257,8 @@ class PageServer:
         self._stop_requests = 0
         self._drain_deadline = 0.0
         self._res = uffd.Resolver()
-        self._copy_buf = bytearray(uffd.COPY.size)
+        self._copy_buf = bytearray(uffd.COPY.pack(0, 0, PAGE, 0, 0))
+        self._rbuf = bytearray(MSG_SIZE * READ_EVENTS)
         self._stats_lock = threading.Lock()
         self._ones = b"\x01" * (max(block_size, PREFETCH_CHUNK) // PAGE)
         self.refusals: collections.deque[str] = collections.deque(maxlen=100)
@@ -322,19 +326,26 @@ class PageServer:
 
     def serve_forever(self) -> None:
         assert self._ep is not None, "call open() first"
-        ep = self._ep
+        poll = self._ep.poll
         handlers = self._handlers
+        peers = self._peers
+        on_uffd = self._on_uffd
         while True:
-            if self._stop_requests and not self._begin_or_continue_drain():
-                return
-            if self._retrying:
-                timeout = 0.001
-            elif self._pending:
-                first = min(p.deadline for p in self._pending.values())
-                timeout = max(0.0, first - time.monotonic())
-            else:
-                timeout = -1
-            for fd, mask in ep.poll(timeout):
+            timeout: float = -1
+            if self._stop_requests or self._retrying or self._pending:
+                if self._stop_requests and not self._begin_or_continue_drain():
+                    return
+                if self._retrying:
+                    timeout = 0.001
+                elif self._pending:
+                    first = min(p.deadline for p in self._pending.values())
+                    timeout = max(0.0, first - time.monotonic())
+            for fd, mask in poll(timeout):
+                # userfaultfds first and without a handler call: this is the fault path
+                peer = peers.get(fd)
+                if peer is not None:
+                    on_uffd(peer, mask)
+                    continue
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(mask)
@@ -548,6 +559,7 @@ class PageServer:
             state=state if state is not None else bytearray(self.npages),
             touched=touched,
         )
+        peer.readinto = io.FileIO(ufd, "rb", closefd=False).readinto
         self._next_ident += 1
         self._peers[ufd] = peer
         self.counters["peers_total"] += 1
@@ -636,36 +648,40 @@ class PageServer:
     # --- faults and events: the hot path ---------------------------------------------
 
     def _on_uffd(self, peer: _Peer, mask: int) -> None:
-        try:
-            data = os.read(peer.uffd, MSG_SIZE * READ_EVENTS)
-        except BlockingIOError:
-            if mask & _EPOLLBAD:
-                self._drop(peer, "userfaultfd hung up")
-            return
-        except OSError as exc:
-            self._drop(peer, f"reading its userfaultfd failed: {exc}")
-            return
-        if len(data) == MSG_SIZE:  # the usual case: one fault
-            kind, a, b, c = _MSG_UNPACK(data)
-            if kind == UFFD_EVENT_PAGEFAULT:
-                self._fault(peer, b)
+        """Read every pending uffd_msg (up to READ_EVENTS per read, into a preallocated
+        buffer: no per-fault allocation) and act on each; read again while the buffer
+        comes back full, so a burst costs one epoll wakeup."""
+        buf = self._rbuf
+        while True:
+            try:
+                n = peer.readinto(buf)  # None: nothing pending (EAGAIN)
+            except OSError as exc:
+                self._drop(peer, f"reading its userfaultfd failed: {exc}")
+                return
+            if not n:
+                if mask & _EPOLLBAD:
+                    self._drop(peer, "userfaultfd hung up")
+                return
+            if n == MSG_SIZE:  # the usual case: one fault
+                kind, a, b, c = _MSG_UNPACK_FROM(buf)
+                if kind == UFFD_EVENT_PAGEFAULT:
+                    self._fault(peer, b)
+                else:
+                    self._event(peer, kind, a, b, c)
             else:
-                self._event(peer, kind, a, b, c)
+                fault = self._fault
+                for i in range(0, n - n % MSG_SIZE, MSG_SIZE):
+                    kind, a, b, c = _MSG_UNPACK_FROM(buf, i)
+                    if kind == UFFD_EVENT_PAGEFAULT:
+                        fault(peer, b)
+                    else:
+                        self._event(peer, kind, a, b, c)
+                    if not peer.alive:
+                        return
             if peer.retry and peer not in self._retrying:
                 self._retrying.append(peer)
-            return
-        if len(data) % MSG_SIZE:
-            data = data[: len(data) - len(data) % MSG_SIZE]
-        fault = self._fault
-        for kind, a, b, c in MSG.iter_unpack(data):
-            if kind == UFFD_EVENT_PAGEFAULT:
-                fault(peer, b)
-            else:
-                self._event(peer, kind, a, b, c)
-            if not peer.alive:
+            if n < len(buf) or not peer.alive:
                 return
-        if peer.retry and peer not in self._retrying:
-            self._retrying.append(peer)
 
     def _fault(self, peer: _Peer, addr: int) -> None:
         """Resolve one missing-page fault. The hot path: every line here costs."""
@@ -684,38 +700,33 @@ class PageServer:
         pg = foff >> PAGE_SHIFT
         state = peer.state
         if bs == PAGE:  # page at a time
+            view = self._view
+            if (
+                not state[pg]
+                and not (
+                    self.zero_pages
+                    # (two byte reads reject most data pages before a full compare)
+                    and not view[foff]  # type: ignore[index]
+                    and not view[foff + PAGE - 1]  # type: ignore[index]
+                    and self._zeros.startswith(view[foff : foff + PAGE])  # type: ignore[index]
+                )
+            ):
+                buf = self._copy_buf
+                _SRC_DST_PACK(buf, 0, r.base + rel, self._addr + foff)  # len = PAGE, mode 0
+                try:
+                    _ioctl(peer.uffd, UFFDIO_COPY, buf, True)
+                except OSError as exc:
+                    self._fault_failed(peer, r, addr, pg, 0, exc.errno or errno.EIO)
+                    return
+                peer.pages_copied += 1
+                state[pg] = 1
+                if peer.touched is not None:
+                    peer.touched[pg] = 1
+                return
             if state[pg]:
                 self._fault_page(peer, r, addr)
                 return
-            buf = self._copy_buf
-            view = self._view
-            # (two byte reads reject most data pages before a full compare)
-            if (
-                self.zero_pages
-                and not view[foff]  # type: ignore[index]
-                and not view[foff + PAGE - 1]  # type: ignore[index]
-                and self._zeros.startswith(view[foff : foff + PAGE])  # type: ignore[index]
-            ):
-                _ZERO_PACK(buf, 0, r.base + rel, PAGE, 0, 0)
-                req = UFFDIO_ZEROPAGE
-                peer.pages_zero += 1
-            else:
-                _COPY_PACK(buf, 0, r.base + rel, self._addr + foff, PAGE, 0, 0)
-                req = UFFDIO_COPY
-                peer.pages_copied += 1
-            try:
-                _ioctl(peer.uffd, req, buf, True)
-            except OSError as exc:
-                if req == UFFDIO_COPY:
-                    peer.pages_copied -= 1
-                else:
-                    peer.pages_zero -= 1
-                self._fault_failed(peer, r, addr, pg, 0, exc.errno or errno.EIO)
-                return
-            state[pg] = 1
-            if peer.touched is not None:
-                peer.touched[pg] = 1
-            return
+            # an all-zero page: the block path below sends one UFFDIO_ZEROPAGE
         length = bs if rel + bs <= r.size else r.size - rel
         n = length >> PAGE_SHIFT
         if state.count(0, pg, pg + n) != n:
