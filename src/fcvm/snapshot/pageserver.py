@@ -33,7 +33,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import functools
 import io
 import itertools
 import json
@@ -342,8 +341,6 @@ class PageServer:
         assert self._ep is not None, "call open() first"
         poll = self._ep.poll
         handlers = self._handlers
-        peers = self._peers
-        on_uffd = self._on_uffd
         while True:
             timeout: float = -1
             if self._stop_requests or self._retrying or self._pending:
@@ -355,11 +352,6 @@ class PageServer:
                     first = min(p.deadline for p in self._pending.values())
                     timeout = max(0.0, first - time.monotonic())
             for fd, mask in poll(timeout):
-                # userfaultfds first and without a handler call: this is the fault path
-                peer = peers.get(fd)
-                if peer is not None:
-                    on_uffd(peer, mask)
-                    continue
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(mask)
@@ -577,7 +569,7 @@ class PageServer:
         self._next_ident += 1
         self._peers[ufd] = peer
         self.counters["peers_total"] += 1
-        self._add(ufd, _EPOLLIN, functools.partial(self._on_uffd, peer))
+        self._add(ufd, _EPOLLIN, self._uffd_handler(peer))
         if conn is not None:
             self._add(conn.fileno(), _EPOLLIN | select.EPOLLRDHUP, lambda m: self._on_conn(peer))
         if pid > 0:
@@ -663,44 +655,94 @@ class PageServer:
 
     # --- faults and events: the hot path ---------------------------------------------
 
-    def _on_uffd(self, peer: _Peer, mask: int) -> None:
-        """Read every pending uffd_msg (up to READ_EVENTS per read, into a preallocated
-        buffer: no per-fault allocation) and act on each; read again while the buffer
-        comes back full, so a burst costs one epoll wakeup."""
+    def _uffd_handler(self, peer: _Peer) -> Callable[[int], None]:
+        """The epoll handler of a peer's uffd: a closure holding in locals all that a
+        page-at-a-time fault needs (the fault path is the Python server's cost: a round
+        trip costs C ~5 us, and every bytecode here adds to it). Anything else - events,
+        blocks, zero pages, pages already present, ioctl errors - goes to _on_msg.
+        Rebuilt when the peer's regions change (REMAP)."""
         buf = self._rbuf
-        while True:
-            try:
-                n = peer.readinto(buf)  # None: nothing pending (EAGAIN)
-            except OSError as exc:
-                self._drop(peer, f"reading its userfaultfd failed: {exc}")
-                return
-            if not n:
-                if mask & _EPOLLBAD:
-                    self._drop(peer, "userfaultfd hung up")
-                return
-            if n == MSG_SIZE:  # the usual case: one fault
-                kind, a, b, c = _MSG_UNPACK_FROM(buf)
-                if kind == UFFD_EVENT_PAGEFAULT:
-                    self._fault(peer, b)
-                else:
-                    self._event(peer, kind, a, b, c)
-            else:
-                fault = self._fault
+        readinto = peer.readinto
+        unpack_from = _MSG_UNPACK_FROM
+        pack_into = _SRC_DST_PACK
+        ioctl = _ioctl
+        cbuf = self._copy_buf
+        ufd = peer.uffd
+        state = peer.state
+        touched = peer.touched if peer.touched is not None else bytearray(self.npages)
+        view = self._view
+        assert view is not None
+        zeros = self._zeros
+        check_zero = self.zero_pages
+        src = self._addr
+        spans = tuple((r.base, r.size, r.offset) for r in peer.regions if r.block == PAGE)
+        on_msg = self._on_msg
+        fault, copy, bad, mask_ = UFFD_EVENT_PAGEFAULT, UFFDIO_COPY, _EPOLLBAD, -PAGE
+        size = len(buf)
+
+        def on_uffd(mask: int) -> None:
+            while True:
+                try:
+                    n = readinto(buf)  # None: nothing pending (EAGAIN)
+                except OSError as exc:
+                    self._drop(peer, f"reading its userfaultfd failed: {exc}")
+                    return
+                if not n:
+                    if mask & bad:
+                        self._drop(peer, "userfaultfd hung up")
+                    return
                 for i in range(0, n - n % MSG_SIZE, MSG_SIZE):
-                    kind, a, b, c = _MSG_UNPACK_FROM(buf, i)
-                    if kind == UFFD_EVENT_PAGEFAULT:
-                        fault(peer, b)
-                    else:
-                        self._event(peer, kind, a, b, c)
+                    kind, a, addr, c = unpack_from(buf, i)
+                    if kind == fault:
+                        for base, length, offset in spans:
+                            rel = addr - base
+                            if 0 <= rel < length:
+                                rel &= mask_
+                                foff = offset + rel
+                                pg = foff >> PAGE_SHIFT
+                                if (
+                                    state[pg]
+                                    or (
+                                        check_zero
+                                        # (two byte reads reject most data pages first)
+                                        and not view[foff]
+                                        and not view[foff + PAGE - 1]
+                                        and zeros.startswith(view[foff : foff + PAGE])
+                                    )
+                                ):
+                                    break
+                                pack_into(cbuf, 0, base + rel, src + foff)  # len PAGE, mode 0
+                                try:
+                                    ioctl(ufd, copy, cbuf, True)
+                                except OSError:
+                                    break
+                                state[pg] = 1
+                                touched[pg] = 1
+                                peer.faults += 1
+                                peer.pages_copied += 1
+                                kind = 0
+                                break
+                        if not kind:
+                            continue
+                    on_msg(peer, kind, a, addr, c)  # (redoes a failed copy, then handles it)
                     if not peer.alive:
                         return
-            if peer.retry and peer not in self._retrying:
-                self._retrying.append(peer)
-            if n < len(buf) or not peer.alive:
-                return
+                if peer.retry and peer not in self._retrying:
+                    self._retrying.append(peer)
+                if n < size or not peer.alive:
+                    return
+
+        return on_uffd
+
+    def _on_msg(self, peer: _Peer, kind: int, a: int, b: int, c: int) -> None:
+        if kind == UFFD_EVENT_PAGEFAULT:
+            self._fault(peer, b)
+        else:
+            self._event(peer, kind, a, b, c)
 
     def _fault(self, peer: _Peer, addr: int) -> None:
-        """Resolve one missing-page fault. The hot path: every line here costs."""
+        """Resolve one missing-page fault with the block around it (the general path;
+        page-at-a-time faults of data pages take the fast path in _uffd_handler)."""
         for r in peer.regions:
             rel = addr - r.base
             if 0 <= rel < r.size:
@@ -715,34 +757,6 @@ class PageServer:
         foff = r.offset + rel
         pg = foff >> PAGE_SHIFT
         state = peer.state
-        if bs == PAGE:  # page at a time
-            view = self._view
-            if (
-                not state[pg]
-                and not (
-                    self.zero_pages
-                    # (two byte reads reject most data pages before a full compare)
-                    and not view[foff]  # type: ignore[index]
-                    and not view[foff + PAGE - 1]  # type: ignore[index]
-                    and self._zeros.startswith(view[foff : foff + PAGE])  # type: ignore[index]
-                )
-            ):
-                buf = self._copy_buf
-                _SRC_DST_PACK(buf, 0, r.base + rel, self._addr + foff)  # len = PAGE, mode 0
-                try:
-                    _ioctl(peer.uffd, UFFDIO_COPY, buf, True)
-                except OSError as exc:
-                    self._fault_failed(peer, r, addr, pg, 0, exc.errno or errno.EIO)
-                    return
-                peer.pages_copied += 1
-                state[pg] = 1
-                if peer.touched is not None:
-                    peer.touched[pg] = 1
-                return
-            if state[pg]:
-                self._fault_page(peer, r, addr)
-                return
-            # an all-zero page: the block path below sends one UFFDIO_ZEROPAGE
         length = bs if rel + bs <= r.size else r.size - rel
         n = length >> PAGE_SHIFT
         if state.count(0, pg, pg + n) != n:
@@ -857,6 +871,7 @@ class PageServer:
             peer.regions = _remap(peer.regions, a, b, c)
             for r in peer.regions:
                 r.block = max(self.block_size, r.page_size)
+            self._handlers[peer.uffd] = self._uffd_handler(peer)
             log.debug("%s: remap %#x -> %#x (+%#x)", peer.label(), a, b, c)
         elif kind == UFFD_EVENT_FORK:
             child = a & 0xFFFFFFFF
