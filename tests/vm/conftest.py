@@ -50,8 +50,12 @@ def image_archives(test_image: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def fcvm_vmm_processes() -> list[str]:
-    """Command lines of VMM processes of test VMs (names starting with "t-", which the
-    guest gets as fcvm.hostname=...), so VMs of a benchmark running alongside don't count."""
+    """Command lines of VMM processes of test VMs: under this base directory and named
+    "t-..." (the guest gets fcvm.hostname=NAME), so VMs of a benchmark or another fcvm
+    base directory running alongside don't count."""
+    from fcvm import paths
+
+    vms = str(paths.vms_dir()).encode()
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -61,7 +65,8 @@ def fcvm_vmm_processes() -> list[str]:
         except OSError:
             continue
         is_vmm = cmdline[0].endswith((b"qemu-system-x86_64", b"firecracker"))
-        if is_vmm and any(b"fcvm.hostname=t-" in a for a in cmdline):
+        ours = any(b"fcvm.hostname=t-" in a for a in cmdline) and any(vms in a for a in cmdline)
+        if is_vmm and ours:
             found.append(b" ".join(cmdline).decode(errors="replace"))
     return found
 
