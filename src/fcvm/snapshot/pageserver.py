@@ -968,10 +968,21 @@ class PageServer:
                 pg += k
                 if not err:
                     continue
-                if err == errno.EEXIST:  # a fault got there first: skip that page
+                if err == errno.EEXIST:
+                    # A fault got there first, and faults copy whole blocks: skip the
+                    # rest of that block and whatever the state map now says is in (one
+                    # page at a time would cost an EEXIST ioctl per page of the block
+                    # when a VM touching in order keeps catching up with the prefetch).
                     step = r.page_size >> PAGE_SHIFT
                     state[pg : pg + step] = b"\x01" * step
-                    pg += step
+                    bp = r.block >> PAGE_SHIFT
+                    base_pg = r.offset >> PAGE_SHIFT
+                    pg = max(pg + step, base_pg + ((pg - base_pg) // bp + 1) * bp)
+                    pg = state.find(0, pg, end) if pg < end else -1
+                    if pg < 0:
+                        break
+                    if r.page_size > PAGE:  # (whole huge pages only)
+                        pg = -(-(pg - pg0) // step) * step + pg0
                 elif err == errno.EAGAIN:
                     return "again"
                 elif err == errno.ESRCH:
