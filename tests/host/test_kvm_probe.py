@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.vmm import kvm
+from fcvm.vmm import kvm, kvm_probe
 
 pytestmark = pytest.mark.host
 
@@ -29,7 +29,7 @@ def test_real_probe_is_quick_and_explains(monkeypatch: pytest.MonkeyPatch) -> No
     if not st.usable and os.path.exists(kvm.KVM_DEVICE) and kvm.pvm_backed():
         assert "PVM-backed" in st.reason
     if kvm.pvm_backed():
-        # A stock guest kernel dies under PVM's emulator (see kvm.py); the probe
+        # A stock guest kernel dies under PVM's emulator (see kvm_probe.py); the probe
         # must not call that usable.
         assert not st.usable
 
@@ -50,7 +50,7 @@ def test_real_probe_verdict_is_cached(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_probe_repeats_consistently() -> None:
     """Same verdict every time; a run that timed out (a busy machine) is marked
     not definitive, so it would not be cached."""
-    runs = [kvm.run_probe() for _ in range(10)]
+    runs = [kvm_probe.run_probe() for _ in range(10)]
     definitive = {st for st, ok in runs if ok}
     assert len(definitive) == 1, runs
     for st, ok in runs:

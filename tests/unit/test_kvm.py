@@ -1,6 +1,7 @@
-"""kvm_status(): overrides, presence checks, the per-boot verdict cache, and the
-forked probe's timeout/crash handling. The real probe on this host is exercised in
-tests/host/test_kvm_probe.py; here the probe itself is replaced where noted."""
+"""kvm_status(): overrides, presence checks, the per-boot verdict cache (kvm.py), and
+the forked probe's timeout/crash handling (kvm_probe.py). The real probe on this host
+is exercised in tests/host/test_kvm_probe.py; here the probe itself is replaced where
+noted."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.vmm import kvm
+from fcvm.vmm import kvm, kvm_probe
 from fcvm.vmm.kvm import KvmStatus
 
 pytestmark = pytest.mark.unit
@@ -137,9 +138,9 @@ def test_wedged_probe_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
         time.sleep(30)
         return "unreachable"
 
-    monkeypatch.setattr(kvm, "_probe_in_child", hang)
+    monkeypatch.setattr(kvm_probe, "_probe_in_child", hang)
     t0 = time.monotonic()
-    st, definitive = kvm.run_probe(timeout=0.2)
+    st, definitive = kvm_probe.run_probe(timeout=0.2)
     assert time.monotonic() - t0 < 1.0
     assert not st.usable and "did not finish within 0.2 s" in st.reason
     assert not definitive
@@ -147,27 +148,27 @@ def test_wedged_probe_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_probe_failure_reason_passes_through(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail() -> str:
-        raise kvm._ProbeFailure("/dev/kvm lacks KVM_CAP_IRQCHIP")
+        raise kvm_probe._ProbeFailure("/dev/kvm lacks KVM_CAP_IRQCHIP")
 
-    monkeypatch.setattr(kvm, "_probe_in_child", fail)
-    assert kvm.run_probe() == (KvmStatus(False, "/dev/kvm lacks KVM_CAP_IRQCHIP"), True)
+    monkeypatch.setattr(kvm_probe, "_probe_in_child", fail)
+    assert kvm_probe.run_probe() == (KvmStatus(False, "/dev/kvm lacks KVM_CAP_IRQCHIP"), True)
 
 
 def test_probe_crash_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     def crash() -> str:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(kvm, "_probe_in_child", crash)
-    st, _ = kvm.run_probe()
+    monkeypatch.setattr(kvm_probe, "_probe_in_child", crash)
+    st, _ = kvm_probe.run_probe()
     assert not st.usable and "crashed" in st.reason and "boom" in st.reason
 
 
 def test_probe_guest_code_shape() -> None:
     """The 64-bit probe guest really contains lock cmpxchg16b [rdi] before its
     final out/hlt (the instruction PVM's emulator cannot run)."""
-    code = kvm.LONG_MODE_CODE
+    code = kvm_probe.LONG_MODE_CODE
     assert bytes.fromhex("f0480fc70f") in code
-    assert code.endswith(bytes([0xB0, 0x03, 0xE6, kvm.PROBE_PORT, 0xF4]))
-    assert kvm.REAL_MODE_CODE.endswith(b"\xf4")
-    assert kvm.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
-    assert kvm.KVM_GET_SREGS == 0x8138AE83 and kvm.KVM_SET_REGS == 0x4090AE82
+    assert code.endswith(bytes([0xB0, 0x03, 0xE6, kvm_probe.PROBE_PORT, 0xF4]))
+    assert kvm_probe.REAL_MODE_CODE.endswith(b"\xf4")
+    assert kvm_probe.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert kvm_probe.KVM_GET_SREGS == 0x8138AE83 and kvm_probe.KVM_SET_REGS == 0x4090AE82
