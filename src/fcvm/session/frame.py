@@ -6,14 +6,19 @@ A frame is a 12-byte header in network byte order followed by its payload::
 
 ``length`` is at most :data:`MAX_PAYLOAD`. ``flags`` and ``reserved`` are sent as
 zero; readers ignore them so a later version can use them.
+
+Payloads: HELLO, OPEN and JSON-channel messages are compact JSON
+(`encode_json`/`decode_json`); CREDIT is one u32, the bytes granted (`CREDIT`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from fcvm.errors import ProtocolError
 
@@ -23,6 +28,7 @@ MAX_CHANNEL = 0xFFFFFFFF
 
 _HEADER = struct.Struct("!BBHII")
 assert _HEADER.size == HEADER_SIZE
+CREDIT = struct.Struct("!I")  # the payload of a CREDIT frame
 
 
 class FrameType(enum.IntEnum):
@@ -91,3 +97,19 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
             f"truncated frame payload: got {len(e.partial)} of {length} bytes"
         ) from None
     return Frame(ftype, channel, payload, flags)
+
+
+def decode_json(payload: bytes, what: str) -> Any:
+    """A JSON payload; ProtocolError (naming `what`) if it is not valid JSON."""
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"{what}: invalid JSON ({type(e).__name__}: {e})") from None
+
+
+def encode_json(obj: Any) -> bytes:
+    """Compact JSON for a payload; ValueError if over MAX_PAYLOAD."""
+    data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    if len(data) > MAX_PAYLOAD:
+        raise ValueError(f"JSON message of {len(data)} bytes exceeds {MAX_PAYLOAD}")
+    return data
