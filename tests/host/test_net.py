@@ -26,8 +26,7 @@ from typing import Any
 import pytest
 
 from fcvm.errors import EXIT_FCVM, FcvmError
-from fcvm.net import handle as net_handle
-from fcvm.net import iptables, parse_publish, setup_network, teardown_from_record
+from fcvm.net import iptables, netns, parse_publish, rootless, setup_network, teardown_from_record
 from fcvm.net.proc import start_time
 from tests.host.test_net_support import (
     FakeGuest,
@@ -463,16 +462,16 @@ def test_error_midway_undoes_everything(
 ) -> None:
     """slirp4netns refusing a forward after namespace and helpers exist: all undone."""
     made: list[dict[str, Any]] = []
-    real_start = net_handle._start_holder
+    real_start = netns.start_holder
 
     def spy(h: Any, userns: bool) -> Any:
         p = real_start(h, userns)
         made.append(h._rec)
         return p
 
-    monkeypatch.setattr(net_handle, "_start_holder", spy)
+    monkeypatch.setattr(netns, "start_holder", spy)
     monkeypatch.setattr(
-        net_handle, "_slirp_api", lambda *a, **k: {"error": {"desc": "bind failed (simulated)"}}
+        rootless, "_slirp_api", lambda *a, **k: {"error": {"desc": "bind failed (simulated)"}}
     )
     with pytest.raises(FcvmError) as ei:
         setup_network("mid", "rootless", parse_publish([f"{free_port()}:80"]), workdir=workdir)

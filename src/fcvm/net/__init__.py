@@ -7,7 +7,10 @@
     ...  # stop the VMM first, then:
     net.teardown()                    # or teardown_from_record(net.record()) elsewhere
 
-See handle.py for the layouts and DESIGN.md ("Networking") for the reasons.
+handle.py is the common part (setup_network, NetHandle, teardown_from_record),
+rootless.py and bridged.py the two layouts, netns.py the VM's namespace and its
+holder, alloc.py the leases, iptables.py bridged NAT, publish.py --publish, proc.py
+host helpers. DESIGN.md ("Networking") has the reasons.
 """
 
 from __future__ import annotations

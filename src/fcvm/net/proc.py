@@ -1,4 +1,4 @@
-"""Process helpers for the network code: running tools, identifying and ending helpers.
+"""Host helpers for the network code: tools, /proc settings, identifying and ending helpers.
 
 A helper process (namespace holder, slirp4netns) is identified by (pid, start time
 from /proc/PID/stat) so that a record read after kill -9 of fcvm never makes us
@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from fcvm import log
 from fcvm.errors import FcvmError
@@ -121,3 +122,11 @@ def try_run(cmd: list[str], *, input: str | None = None, timeout: float = 20) ->
     if r.returncode != 0:
         _log.debug("%s: %s", " ".join(cmd), r.stderr.strip())
     return r.returncode == 0
+
+
+def read_setting(path: str) -> str | None:
+    """A small host file's stripped text (a /proc setting, resolv.conf); None if unreadable."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None

@@ -1,0 +1,196 @@
+"""The rootless layout (the default; as root too): a namespace on slirp4netns' own LAN.
+
+    host netns                       | VM netns (+ user netns when not root)
+    slirp4netns ──tap fd──────────────> slirp0 ─┐
+      hostfwd 127.77.a.b:HP -> 10.0.2.100:GP    ├─ br0 (no address)
+      10.0.2.2 = host 127.0.0.1                 │
+      10.0.2.3 = DNS (host resolv.conf)  tap0 ──┘  <- the VMM opens it; guest eth0 10.0.2.100/24
+
+The guest sits on slirp's own virtual LAN (bridged with slirp's tap inside the
+namespace), so port forwards go straight to the guest address and nothing inside
+the namespace routes or NATs. Each VM's forwards bind on its own 127.77.x.y.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fcvm.errors import FcvmError
+from fcvm.net import netns
+from fcvm.net.alloc import Leases, Record, pick_loopback
+from fcvm.net.netns import MTU
+from fcvm.net.proc import need_tool, read_setting, start_time
+from fcvm.net.publish import PortForward
+
+if TYPE_CHECKING:
+    from fcvm.net.handle import NetHandle
+
+# slirp4netns' virtual network (its defaults; 10.0.2.100 is what podman uses too)
+SLIRP_CIDR = "10.0.2.0/24"
+SLIRP_GUEST = "10.0.2.100"
+SLIRP_GW = "10.0.2.2"  # = the host's 127.0.0.1
+SLIRP_DNS = "10.0.2.3"
+SLIRP_GUEST6 = "fd00::100"
+SLIRP_GW6 = "fd00::2"  # = the host's ::1
+SLIRP_DNS6 = "fd00::3"
+
+
+def check_host(root: bool) -> None:
+    """Fail early, in one line, if this host cannot do rootless networking."""
+    need_tool("slirp4netns", "rootless networking")
+    if not root and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        raise FcvmError(
+            "rootless networking cannot open /dev/net/tun (permission denied)",
+            hint="its usual mode is 0666: chmod 0666 /dev/net/tun",
+        )
+    if not root:
+        for key, path in (
+            ("kernel.unprivileged_userns_clone", "/proc/sys/kernel/unprivileged_userns_clone"),
+            ("user.max_user_namespaces", "/proc/sys/user/max_user_namespaces"),
+        ):
+            if read_setting(path) == "0":
+                raise FcvmError(
+                    f"rootless networking needs user namespaces, but {key}=0",
+                    hint=netns.userns_hint(),
+                )
+
+
+def allocate(
+    rec: Record, leases: Leases, publish: list[PortForward]
+) -> tuple[str, list[PortForward]]:
+    """Under the lease lock: the VM's own loopback address (returned with the forwards,
+    which bind on it unless they name an address) and the guest's slirp address."""
+    used = [str(r.get("host_ip")) for r in leases.leases.values()]
+    host_ip = pick_loopback(used)
+    forwards = [
+        PortForward(f.host_ip or host_ip, f.host_port, f.guest_port, f.proto) for f in publish
+    ]
+    rec.update(guest_ip=SLIRP_GUEST, prefix_len=24, gateway=SLIRP_GW)
+    return host_ip, forwards
+
+
+def _host_has_ipv6() -> bool:
+    if read_setting("/proc/sys/net/ipv6/conf/all/disable_ipv6") != "0":
+        return False
+    inet6 = read_setting("/proc/net/if_inet6") or ""
+    return any(line.split()[-1] == "lo" for line in inet6.splitlines() if line.split())
+
+
+def _slirp_api(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(request).encode())
+        s.shutdown(socket.SHUT_WR)
+        buf = b""
+        while chunk := s.recv(4096):
+            buf += chunk
+    reply = json.loads(buf.decode() or "{}")
+    return reply if isinstance(reply, dict) else {}
+
+
+def _api_socket_path(workdir: Path, vm_id: str) -> Path:
+    """Unix socket paths are limited to 107 bytes: fall back to the temp dir."""
+    p = workdir / "slirp4netns.sock"
+    if len(str(p)) <= 100:
+        return p
+    return Path(tempfile.gettempdir()) / f"fcvm-slirp-{vm_id[:20]}-{os.getpid()}.sock"
+
+
+def setup(h: NetHandle, workdir: Path, *, userns: bool) -> None:
+    """Namespaces, br0, slirp4netns on slirp0 and its port forwards to the guest."""
+    rec = h._rec
+    holder = netns.start_holder(h, userns)
+    netns.ns_batch(
+        h.netns_exec, netns.bridge_lines("slirp0", True), "cannot set up the VM namespace"
+    )
+
+    ipv6 = _host_has_ipv6()
+    api = _api_socket_path(workdir, h.vm_id)
+    api.unlink(missing_ok=True)
+    rec["api_socket"] = str(api)
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    h._keep_fds.append(exit_w)
+    cmd: list[str] = []
+    if userns:
+        # run slirp4netns as root of the VM's user namespace (still in the host's
+        # network namespace) so its sandbox may make a mount namespace
+        cmd += [h.netns_exec[0], f"--target={holder.pid}", "--user", "--preserve-credentials", "--"]
+    cmd += [
+        need_tool("slirp4netns", "rootless networking"),
+        f"--ready-fd={ready_w}",
+        f"--exit-fd={exit_r}",
+        f"--api-socket={api}",
+        f"--mtu={MTU}",
+        f"--cidr={SLIRP_CIDR}",
+        "--enable-sandbox",
+        "--enable-seccomp",
+        "--netns-type=path",
+    ]
+    if userns:
+        cmd.append(f"--userns-path=/proc/{holder.pid}/ns/user")
+    if ipv6:
+        cmd.append("--enable-ipv6")
+    cmd += [f"/proc/{holder.pid}/ns/net", "slirp0"]
+    logf = workdir / "slirp4netns.log"
+    try:
+        with open(logf, "ab") as out:
+            slirp = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(ready_w, exit_r),
+                start_new_session=True,
+            )
+    finally:
+        os.close(ready_w)
+        os.close(exit_r)
+    h._children.append(slirp)
+    rec["slirp"] = [slirp.pid, start_time(slirp.pid)]
+    try:
+        ready, _, _ = select.select([ready_r], [], [], 10)
+        ok = bool(ready) and os.read(ready_r, 1) == b"1"
+    finally:
+        os.close(ready_r)
+    if not ok:
+        tail = ""
+        try:
+            lines = [x for x in logf.read_text(errors="replace").splitlines() if x.strip()]
+            tail = lines[-1] if lines else ""
+        except OSError:
+            pass
+        raise FcvmError(f"slirp4netns did not start: {tail or 'no reply'}")
+    h.dns = [SLIRP_DNS]
+    if ipv6:
+        h.guest_ip6, h.prefix_len6, h.gateway6 = SLIRP_GUEST6, 64, SLIRP_GW6
+        h.dns.append(SLIRP_DNS6)
+    for f in h.forwards:
+        try:
+            reply = _slirp_api(
+                str(api),
+                {
+                    "execute": "add_hostfwd",
+                    "arguments": {
+                        "proto": f.proto,
+                        "host_addr": f.host_ip,
+                        "host_port": f.host_port,
+                        "guest_addr": SLIRP_GUEST,
+                        "guest_port": f.guest_port,
+                    },
+                },
+            )
+        except (OSError, ValueError) as e:
+            raise FcvmError(f"cannot publish {f.spec()}: slirp4netns API: {e}") from None
+        if "return" not in reply:
+            err = reply.get("error", {})
+            desc = err.get("desc") if isinstance(err, dict) else err
+            raise FcvmError(f"cannot publish {f.spec()}: {desc or 'refused by slirp4netns'}")
