@@ -59,7 +59,8 @@ def copy_floor(memory: Path, threads: int = 1) -> float:
     import threading
 
     from fcvm.snapshot import uffd
-    from fcvm.snapshot.pageserver import MADV_POPULATE_READ, _libc
+    from fcvm.snapshot.source import MADV_POPULATE_READ
+    from fcvm.snapshot.source import libc as _libc
 
     size = memory.stat().st_size
     libc = _libc()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fcvm.snapshot import layout, uffd, workingset
-from fcvm.snapshot.pageserver import HandshakeError, Region, _remap, parse_regions
+from fcvm.snapshot.handshake import HandshakeError, Region, parse_regions, remap
 from tests.conftest import fcvm
 
 pytestmark = pytest.mark.unit
@@ -72,13 +72,13 @@ def test_parse_regions_refuses(payload: bytes, needle: str) -> None:
 
 def test_remap_splits_regions() -> None:
     regions = [Region(0x10000, 0x4000, 0x1000, 4096)]
-    moved = _remap(regions, 0x11000, 0x90000, 0x1000)
+    moved = remap(regions, 0x11000, 0x90000, 0x1000)
     assert moved == [
         Region(0x10000, 0x1000, 0x1000, 4096),
         Region(0x12000, 0x2000, 0x3000, 4096),
         Region(0x90000, 0x1000, 0x2000, 4096),
     ]
-    assert _remap(regions, 0x50000, 0x60000, 0x1000) == regions
+    assert remap(regions, 0x50000, 0x60000, 0x1000) == regions
 
 
 def test_ioctl_numbers_match_linux_headers() -> None:
@@ -92,15 +92,19 @@ def test_ioctl_numbers_match_linux_headers() -> None:
     assert uffd.USERFAULTFD_IOC_NEW == 0xAA00
 
 
-def test_parse_events() -> None:
+def test_msg_layout() -> None:
+    """struct uffd_msg as the fault path unpacks it: (event, a, b, c)."""
     fault = struct.pack("=B7xQQQ", uffd.UFFD_EVENT_PAGEFAULT, 1, 0x7F0000001234, 42)
     remove = struct.pack("=B7xQQQ", uffd.UFFD_EVENT_REMOVE, 0x1000, 0x3000, 0)
     fork = struct.pack("=B7xIIQQ", uffd.UFFD_EVENT_FORK, 7, 0, 0, 0)
-    events = list(uffd.parse_events(fault + remove + fork + b"\0" * 5))
-    assert [e.name for e in events] == ["PAGEFAULT", "REMOVE", "FORK"]
-    assert events[0].address == 0x7F0000001234 and events[0].flags == uffd.UFFD_PAGEFAULT_FLAG_WRITE
-    assert (events[1].start, events[1].end) == (0x1000, 0x3000)
-    assert events[2].ufd == 7
+    data = fault + remove + fork
+    assert len(data) == 3 * uffd.MSG_SIZE
+    kind, flags, address, _ = uffd.MSG.unpack_from(data, 0)
+    assert (kind, flags, address) == (uffd.UFFD_EVENT_PAGEFAULT, 1, 0x7F0000001234)
+    assert flags == uffd.UFFD_PAGEFAULT_FLAG_WRITE
+    assert uffd.MSG.unpack_from(data, uffd.MSG_SIZE)[:3] == (uffd.UFFD_EVENT_REMOVE, 0x1000, 0x3000)
+    kind, child, _, _ = uffd.MSG.unpack_from(data, 2 * uffd.MSG_SIZE)
+    assert kind == uffd.UFFD_EVENT_FORK and child & 0xFFFFFFFF == 7
 
 
 def test_unavailable_message_says_what_to_change() -> None:

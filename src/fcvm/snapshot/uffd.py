@@ -1,4 +1,4 @@
-"""userfaultfd(2) from Python: creation, the ioctls a page server needs, event parsing.
+"""userfaultfd(2) from Python: creation, the ioctls a page server needs, the msg layout.
 
 Only the stdlib (ctypes for the syscall, fcntl.ioctl with mutable buffers for the
 rest). Layouts follow <linux/userfaultfd.h>; all structs are native-endian u64s.
@@ -23,8 +23,6 @@ import platform
 import pwd
 import stat
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 from fcvm.errors import FcvmError
 
@@ -77,15 +75,9 @@ UFFD_EVENT_UNMAP = 0x16
 UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0
 UFFD_PAGEFAULT_FLAG_WP = 1 << 1
 
-EVENT_NAMES = {
-    UFFD_EVENT_PAGEFAULT: "PAGEFAULT",
-    UFFD_EVENT_FORK: "FORK",
-    UFFD_EVENT_REMAP: "REMAP",
-    UFFD_EVENT_REMOVE: "REMOVE",
-    UFFD_EVENT_UNMAP: "UNMAP",
-}
-
-# struct uffd_msg: u8 event, 7 reserved bytes, then a 24-byte union read as 3 u64s.
+# struct uffd_msg: u8 event, 7 reserved bytes, then a 24-byte union read as 3 u64s:
+# PAGEFAULT (flags, address, thread id), REMOVE/UNMAP (start, end, -),
+# REMAP (from, to, length), FORK (the child's uffd in the low 32 bits of the first).
 MSG_SIZE = 32
 MSG = struct.Struct("=B7xQQQ")
 assert MSG.size == MSG_SIZE
@@ -308,61 +300,3 @@ class Resolver:
             done = ZEROPAGE.unpack_from(buf)[3]
             return (done if done > 0 else 0), exc.errno or errno.EIO
         return length, 0
-
-
-# --- events ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One uffd_msg. For PAGEFAULT: address, flags. REMOVE/UNMAP: start, end.
-    REMAP: start (from), end (to), length. FORK: ufd (the child's new descriptor)."""
-
-    kind: int
-    a: int
-    b: int
-    c: int
-
-    @property
-    def name(self) -> str:
-        return EVENT_NAMES.get(self.kind, f"unknown({self.kind:#x})")
-
-    @property
-    def address(self) -> int:
-        return self.b
-
-    @property
-    def flags(self) -> int:
-        return self.a
-
-    @property
-    def start(self) -> int:
-        return self.a
-
-    @property
-    def end(self) -> int:
-        return self.b
-
-    @property
-    def length(self) -> int:
-        return self.c
-
-    @property
-    def ufd(self) -> int:
-        return self.a & 0xFFFFFFFF
-
-
-def parse_events(data: bytes | bytearray | memoryview) -> Iterator[Event]:
-    """Events in a read() of the userfaultfd (a whole number of 32-byte messages)."""
-    usable = len(data) - len(data) % MSG_SIZE
-    for kind, a, b, c in MSG.iter_unpack(memoryview(data)[:usable]):
-        yield Event(kind, a, b, c)
-
-
-def read_events(fd: int, max_events: int = 64) -> list[Event]:
-    """Read what is pending (non-blocking fd: [] when nothing is)."""
-    try:
-        data = os.read(fd, MSG_SIZE * max_events)
-    except BlockingIOError:
-        return []
-    return list(parse_events(data))

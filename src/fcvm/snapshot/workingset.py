@@ -79,3 +79,23 @@ def union(a: bytes | bytearray, b: bytes | bytearray) -> bytearray:
 
 def count(pages: bytes | bytearray) -> int:
     return len(pages) - bytes(pages).count(0)
+
+
+def merge(
+    path: Path, memory: Path, known: bytearray | None, touched: bytearray
+) -> bytearray | None:
+    """Union one VM's `touched` map into the set saved at `path` (`known`: that set if
+    already loaded, else it is read). Returns the set saved, or None when `touched` adds
+    nothing or saving failed (logged)."""
+    if count(touched) == 0:
+        return None
+    old = known if known is not None else load(path, memory)
+    merged = touched if old is None else union(old, touched)
+    if old is not None and merged == old:
+        return None
+    try:
+        save(path, memory, merged)
+    except OSError as exc:
+        log.warning("cannot save working set %s: %s", path, exc)
+        return None
+    return merged
