@@ -59,6 +59,7 @@ def test_parse_regions_page_size_fallbacks() -> None:
         (json.dumps([_region(base=0x7F0000000001)]).encode(), "multiples of the page size"),
         (json.dumps([_region(offset=100)]).encode(), "multiples of the page size"),
         (json.dumps([_region(page_size=3000)]).encode(), "unsupported page size"),
+        (json.dumps([_region(page_size=1 << 30)]).encode(), "unsupported page size"),
         (json.dumps([_region(size=2 * MiB)]).encode(), "beyond the memory file"),
         (json.dumps([_region(offset=MiB)]).encode(), "beyond the memory file"),
         (json.dumps([_region(size=4096), _region(size=4096, offset=4096)]).encode(), "overlap"),

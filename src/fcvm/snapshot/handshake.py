@@ -27,6 +27,9 @@ from typing import Any
 from fcvm.snapshot import uffd
 
 PAGE = 4096  # the memory file's granule: per-page state maps count in these
+# Firecracker backs guest memory with 4 KiB pages or 2 MiB hugetlbfs pages; the
+# server's buffers (zero checks, present-page runs) are sized for at most 2 MiB.
+SUPPORTED_PAGE_SIZES = (PAGE, 2 << 20)
 PAGE_SHIFT = 12
 MAX_HANDSHAKE = 64 * 1024
 MAX_FDS = 8
@@ -123,7 +126,7 @@ def parse_regions(payload: bytes, file_size: int) -> list[Region]:
                 page_size *= 1024
         else:
             page_size = PAGE
-        if page_size < PAGE or page_size & (page_size - 1) or page_size > 1 << 30:
+        if page_size not in SUPPORTED_PAGE_SIZES:
             raise HandshakeError(f"region {i}: unsupported page size {page_size}")
         if size == 0 or size % page_size or base % page_size or offset % page_size:
             raise HandshakeError(
