@@ -1,22 +1,36 @@
 """Container image sources on the host, and how each reaches the guest.
 
-There is no registry here, so the usual path is a read-only virtio disk holding an
-OCI/docker archive that podman in the guest loads (`podman load -i /dev/vdb`):
+There is no registry here, so an image reaches the guest on read-only virtio disks:
 
 - an image in the host's podman storage is exported once per image ID to
   BASE/images/<id>.oci.tar and reused;
-- `oci-archive:PATH` / `docker-archive:PATH` are attached as they are;
+- `oci-archive:PATH` / `docker-archive:PATH` are used as they are;
 - a fully qualified registry reference not in host storage is pulled by podman in
   the guest, which needs the guest to have network.
+
+For the first two, fcvm also builds an *image store* once per image (see
+`image_store`): the archive loaded into a private containers-storage on the host
+and packed into a read-only ext4 (BASE/images/<key>.store.ext4 + .store.json). The
+guest mounts it as an additional image store and runs the image by ID, with no
+`podman load`. The archive is attached as well and loaded only if the store turns
+out unusable in the guest; when the store cannot be built, the archive alone is
+attached (the reason is logged at info level).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +40,35 @@ from fcvm.plan import ImageSpec
 
 logger = log.get("images")
 
+STORE_VERSION = 1  # bump when the store layout changes: older stores are rebuilt
+STORE_SUFFIX = ".store.ext4"
+META_SUFFIX = ".store.json"
+STORE_LABEL = "fcvm-images"
+BUILD_PREFIX = ".build-"
+# Where the guest mounts the store; podman's storage.conf lists it as an
+# additionalimagestores entry (assets/rootfs.py).
+GUEST_STORE_DIR = "/var/lib/containers/ro"
+
+
+@dataclass(frozen=True)
+class ImageStore:
+    """A read-only ext4 holding a containers-storage with exactly one image."""
+
+    path: Path
+    image_id: str  # full hex image ID: what the guest runs
+    names: tuple[str, ...] = ()
+
 
 @dataclass(frozen=True)
 class GuestImage:
     archive: Path | None  # attached read-only as the image disk, or None to pull
     ref: str  # what to run (the name podman load reports wins when it has one)
     pull: str | None = None
+    store: ImageStore | None = None  # preferred over the archive when present
+
+
+class StoreBuildError(Exception):
+    """The image store could not be built (the archive is used instead)."""
 
 
 def images_dir() -> Path:
@@ -112,15 +149,267 @@ def archive_ref(kind: str, path: Path) -> str:
         return path.name
 
 
+# --- image stores -------------------------------------------------------------------
+
+
+def archive_store_key(path: Path) -> str:
+    """Store key of an archive file: its identity (real path, size, mtime, inode).
+
+    A rewritten or replaced archive gets a new key, so a stale store is never used.
+    """
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    ident = f"{STORE_VERSION}\0{real}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_dev}\0{st.st_ino}"
+    return "a-" + hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def host_store_key(image_id: str) -> str:
+    """Store key of a host-storage image: its image ID (content-addressed already)."""
+    return f"i-{STORE_VERSION}-{image_id[:32]}"
+
+
+def store_paths(key: str) -> tuple[Path, Path]:
+    """(ext4 image, metadata) of a store key."""
+    d = images_dir()
+    return d / f"{key}{STORE_SUFFIX}", d / f"{key}{META_SUFFIX}"
+
+
+def cached_store(key: str) -> ImageStore | None:
+    """The store built for `key`, if its metadata and ext4 image still agree."""
+    ext4, meta_path = store_paths(key)
+    try:
+        meta = json.loads(meta_path.read_text())
+        st = ext4.stat()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("version") != STORE_VERSION:
+        return None
+    if meta.get("key") != key or not isinstance(meta.get("image_id"), str):
+        return None
+    if meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns:
+        return None  # rewritten or truncated behind our back: build it again
+    return ImageStore(ext4, meta["image_id"], tuple(meta.get("names") or ()))
+
+
+@contextlib.contextmanager
+def _key_lock(key: str) -> Iterator[None]:
+    images_dir().mkdir(parents=True, exist_ok=True)
+    fd = os.open(images_dir() / f".{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _store_switched_off() -> bool:
+    return os.environ.get("FCVM_IMAGE_STORE", "").lower() in ("0", "off", "no", "false")
+
+
+def store_disabled_reason() -> str | None:
+    """Why no store can be built here, or None."""
+    if os.geteuid() != 0:
+        return "building one needs root (file ownership in the store)"
+    for tool in ("podman", "mkfs.ext4"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+def image_store(key: str, archive: Path, source: str) -> ImageStore | None:
+    """The store for `key` (built from `archive` on first use), or None to load the archive.
+
+    Never raises for a store problem: the archive path still works without one.
+    """
+    if _store_switched_off():
+        logger.info("no image store for %s: FCVM_IMAGE_STORE is off", source)
+        return None
+    store = cached_store(key)
+    if store is not None:
+        return store
+    why = store_disabled_reason()
+    if why is not None:
+        logger.info("no image store for %s: %s; the guest loads the archive", source, why)
+        return None
+    try:
+        with _key_lock(key):
+            store = cached_store(key)  # a concurrent run may have built it meanwhile
+            if store is None:
+                t0 = time.monotonic()
+                store = build_store(key, archive, source)
+                logger.info(
+                    "built image store %s for %s in %.2fs",
+                    store.path.name,
+                    source,
+                    time.monotonic() - t0,
+                )
+    except (StoreBuildError, OSError) as exc:
+        logger.info("no image store for %s: %s; the guest loads the archive", source, exc)
+        return None
+    return store
+
+
+def build_store(key: str, archive: Path, source: str) -> ImageStore:
+    """Load `archive` into a private containers-storage and pack it as a read-only ext4.
+
+    Call with the key's lock held. Raises StoreBuildError (or OSError).
+    """
+    d = images_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(f"{BUILD_PREFIX}{key}-*"):  # left by killed builds (we hold the lock)
+        _remove_tree(stale)
+    work = d / f"{BUILD_PREFIX}{key}-{os.getpid()}"
+    ext4, meta_path = store_paths(key)
+    tmp_ext4 = ext4.with_name(f"{BUILD_PREFIX}{ext4.name}.{os.getpid()}")
+    # podman refuses a runroot longer than 50 characters: keep it short, in /tmp.
+    run = Path(tempfile.mkdtemp(prefix="fcvm-st-", dir="/tmp"))
+    try:
+        root, image_id, names = _load_private(work, run, archive)
+        shutil.rmtree(root / "libpod", ignore_errors=True)  # podman's own DB: not needed
+        make_store_ext4(root, tmp_ext4)
+        os.replace(tmp_ext4, ext4)
+        st = ext4.stat()
+        meta = {
+            "version": STORE_VERSION,
+            "key": key,
+            "source": source,
+            "archive": str(archive),
+            "image_id": image_id,
+            "names": list(names),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        }
+        tmp_meta = meta_path.with_name(f"{BUILD_PREFIX}{meta_path.name}.{os.getpid()}")
+        tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp_meta, meta_path)
+    finally:
+        tmp_ext4.unlink(missing_ok=True)
+        _remove_tree(work)
+        _remove_tree(run)
+    if key.startswith("a-"):
+        _prune_superseded(key, str(archive))
+    return ImageStore(ext4, image_id, names)
+
+
+def _load_private(work: Path, run: Path, archive: Path) -> tuple[Path, str, tuple[str, ...]]:
+    """`podman load` into work/root (overlay); returns (root, image ID, names)."""
+    root = work / "root"
+    root.mkdir(parents=True)
+    conf = work / "storage.conf"  # keeps the host's storage.conf options out of it
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root}"\nrunroot = "{run}"\n')
+    env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
+    argv = [
+        _podman(), "--root", str(root), "--runroot", str(run), "--storage-driver", "overlay",
+        "--events-backend", "none", "load", "-q", "-i", str(archive),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise StoreBuildError(f"podman load failed: {lines[-1] if lines else proc.returncode}")
+    try:
+        images = json.loads((root / "overlay-images" / "images.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreBuildError(f"no image in the private storage: {exc}") from None
+    if not isinstance(images, list) or len(images) != 1 or "id" not in images[0]:
+        raise StoreBuildError(f"expected one image in the archive, found {len(images)}")
+    return root, str(images[0]["id"]), tuple(images[0].get("names") or ())
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    """(bytes in 4 KiB blocks, inodes) of a tree."""
+    total, count = 0, 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            count += 1
+            total += (st.st_size + 4095) // 4096 * 4096
+    return total, count
+
+
+def make_store_ext4(root: Path, out: Path) -> int:
+    """mkfs.ext4 -d: ownership, modes, xattrs, device nodes (whiteouts) and hard links
+    are copied by e2fsprogs >= 1.43. Sized to the content + 10% + 16 MiB; retried once
+    at double the size if it does not fit. Returns the size."""
+    used, inodes = _tree_size(root)
+    size = int(used * 1.10) + 16 * 1024 * 1024
+    for attempt in (1, 2):
+        size = (size + (1 << 20) - 1) // (1 << 20) * (1 << 20)
+        out.unlink(missing_ok=True)
+        with out.open("wb") as f:
+            f.truncate(size)
+        proc = subprocess.run(
+            [
+                "mkfs.ext4", "-q", "-F", "-L", STORE_LABEL, "-m", "0", "-b", "4096",
+                "-O", "^has_journal", "-N", str(inodes + inodes // 5 + 256),
+                "-E", "root_owner=0:0,lazy_itable_init=0,nodiscard",
+                "-d", str(root), str(out),
+            ],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return size
+        if attempt == 2:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            raise StoreBuildError(f"mkfs.ext4 failed: {lines[-1] if lines else proc.returncode}")
+        size *= 2
+    raise AssertionError("unreachable")
+
+
+def _prune_superseded(key: str, archive: str) -> None:
+    """Drop stores of archives that were since rewritten (same path, another key) or
+    removed: nothing else would ever use them again."""
+    for meta_path in images_dir().glob(f"a-*{META_SUFFIX}"):
+        old = meta_path.name[: -len(META_SUFFIX)]
+        if old == key:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            source = json.loads(meta_path.read_text()).get("archive")
+            if isinstance(source, str) and (source == archive or not os.path.exists(source)):
+                ext4, _ = store_paths(old)
+                meta_path.unlink()
+                ext4.unlink(missing_ok=True)
+                (images_dir() / f".{old}.lock").unlink(missing_ok=True)
+                logger.info("removed superseded image store %s", ext4.name)
+
+
+_MNT_DETACH = 2
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(prefix):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -rf, after unmounting anything podman may have left mounted under it."""
+    if not path.exists():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for point in _mounts_under(path):
+        if libc.umount2(point.encode(), _MNT_DETACH) != 0:
+            logger.warning("cannot unmount %s: %s", point, os.strerror(ctypes.get_errno()))
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def resolve(spec: ImageSpec) -> GuestImage:
     if spec.kind in ("oci-archive", "docker-archive"):
         path = Path(spec.ref).resolve()
         _check_archive(spec.kind, path)
-        return GuestImage(archive=path, ref="")
+        store = image_store(archive_store_key(path), path, f"{spec.kind}:{path}")
+        return GuestImage(archive=path, ref="", store=store)
     image_id = host_image_id(spec.ref)
     if image_id is not None:
         logger.info("image %s is %s in host storage", spec.ref, image_id[:12])
-        return GuestImage(archive=export_host_image(spec.ref, image_id), ref="")
+        archive = export_host_image(spec.ref, image_id)
+        store = image_store(host_store_key(image_id), archive, spec.ref)
+        return GuestImage(archive=archive, ref="", store=store)
     if _looks_like_registry_ref(spec.ref):
         return GuestImage(archive=None, ref=spec.ref, pull=spec.ref)
     raise ImageError(

@@ -92,6 +92,8 @@ class Run:
             self.timings.mark("network-ready")
             self.proxy_env = net.proxy_env()
             drives = [Drive("root", assets.rootfs, read_only=True, is_root=True)]
+            if guest_image.store is not None:  # /dev/vdb; the archive after it is the fallback
+                drives.append(Drive("images", guest_image.store.path, read_only=True))
             if guest_image.archive is not None:
                 drives.append(Drive("image", guest_image.archive, read_only=True))
             config = VmConfig(
@@ -124,6 +126,11 @@ class Run:
         image: dict[str, Any]
         if guest_image.pull:
             image = {"pull": guest_image.pull}
+        elif guest_image.store is not None:
+            # Run from the prebuilt store; load the archive (next disk) only if it fails.
+            image = {"store": "/dev/vdb", "ref": guest_image.store.image_id}
+            if guest_image.archive is not None:
+                image["device"] = "/dev/vdc"
         else:
             image = {"device": "/dev/vdb", "ref": guest_image.ref}
         return {
@@ -198,6 +205,8 @@ class Run:
             kind = event.get("event")
             if kind == p.EV_PHASE:
                 self.timings.mark(str(event.get("name")))
+                if event.get("detail"):  # e.g. why the image store was not usable
+                    logger.info("%s: %s", event.get("name"), event.get("detail"))
             elif kind == p.EV_STARTED:
                 self.timings.mark("container-started")
             elif kind == p.EV_HEALTH:

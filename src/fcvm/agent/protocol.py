@@ -11,8 +11,24 @@ The spec's "mode" says what to run:
   "exec"       a command inside the running container
   "vm"         a command in the guest OS itself
 
+A container spec's "image" is one of:
+  {"store": "/dev/vdb", "ref": ID, "device": "/dev/vdc"}
+               a prebuilt containers-storage (ext4, read-only): mounted on
+               /var/lib/containers/ro (an additionalimagestores entry) and ID run
+               as it is, no load; if it cannot be mounted or lacks ID, "device"
+               (optional) is loaded instead, as below
+  {"device": "/dev/vdb", "ref": REF}
+               an OCI/docker archive: `podman load -i`; runs REF, or if "" the name
+               podman load reports
+  {"pull": REF}
+               `podman pull REF` in the guest
+
 On the process channel the agent sends JSON events, in order:
-  {"event": "phase", "name": "..."}           progress, for logs and benchmarks
+  {"event": "phase", "name": "...", "detail": "..."}
+                                               progress, for logs and benchmarks
+                                               (image-store, image-store-unusable
+                                               with the reason as detail, image-load,
+                                               image-pull, image-loaded); detail optional
   {"event": "started", "pid": N}
   {"event": "health", "status": "healthy"|"unhealthy", "detail": "..."}
                                                (container mode: once the container

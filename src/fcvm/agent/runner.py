@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import pty
@@ -71,9 +72,54 @@ async def _run_quiet(argv: list[str], reaper: procs.Reaper) -> tuple[int, str]:
     return code, (err + out).decode(errors="replace").strip()
 
 
+# The image store disk is mounted here; the rootfs's storage.conf lists it in
+# additionalimagestores, so every podman command (run, exec, inspect) sees it.
+STORE_DIR = "/var/lib/containers/ro"
+_MS_RDONLY = 1
+_MNT_DETACH = 2
+
+
+def mount_store(device: str, image_id: str, target: str = STORE_DIR) -> str | None:
+    """Mount an image store read-only; None if it holds `image_id`, else why not."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        return f"{target}: {exc.strerror}"
+    if libc.mount(device.encode(), target.encode(), b"ext4", _MS_RDONLY, b"") != 0:
+        return f"mount {device}: {os.strerror(ctypes.get_errno())}"
+    try:
+        with open(os.path.join(target, "overlay-images", "images.json")) as f:
+            images = json.load(f)
+        if any(isinstance(i, dict) and i.get("id") == image_id for i in images):
+            return None
+        why = f"image {image_id[:12]} is not in it"
+    except (OSError, ValueError, TypeError) as exc:
+        why = f"unreadable: {exc}"
+    libc.umount2(target.encode(), _MNT_DETACH)
+    return why
+
+
 async def prepare_image(spec: dict[str, Any], reaper: procs.Reaper, phase: Any) -> str:
     """Make the container image available in the guest's podman; returns its reference."""
     image = spec["image"]
+    # storage.conf names the store directory: podman refuses to start if it is missing
+    # (it is on the agent's tmpfs, empty unless a store gets mounted on it).
+    with contextlib.suppress(OSError):
+        os.makedirs(STORE_DIR, exist_ok=True)
+    if "store" in image:
+        await phase("image-store")
+        why = mount_store(str(image["store"]), str(image["ref"]))
+        if why is None:
+            await phase("image-loaded")
+            return str(image["ref"])
+        if "device" not in image:
+            raise ProcError(f"image store {image['store']} unusable: {why}", 125)
+        log.warning("image store %s unusable (%s): loading the archive", image["store"], why)
+        await phase("image-store-unusable", why)
+        image = {"device": image["device"], "ref": ""}
     if "device" in image:
         await phase("image-load")
         code, text = await _run_quiet(["podman", "load", "-q", "-i", image["device"]], reaper)
@@ -97,8 +143,11 @@ async def run_proc(proc_ch: Channel, stdio: dict[int, Channel], reaper: procs.Re
     spec: dict[str, Any] = proc_ch.meta["spec"]
     mode = spec.get("mode")
 
-    async def phase(name: str) -> None:
-        await proc_ch.send_json({"event": p.EV_PHASE, "name": name})
+    async def phase(name: str, detail: str = "") -> None:
+        event = {"event": p.EV_PHASE, "name": name}
+        if detail:
+            event["detail"] = detail
+        await proc_ch.send_json(event)
 
     try:
         if mode == p.MODE_CONTAINER:

@@ -115,10 +115,15 @@ network_backend = "netavark"
 
 STORAGE_CONF = """\
 # fcvm guest: the agent mounts a tmpfs on graphroot; native overlay works on tmpfs.
+# additionalimagestores: fcvm's read-only image store disk, mounted by the agent
+# when the host built one (empty otherwise).
 [storage]
 driver = "overlay"
 runroot = "/run/containers/storage"
 graphroot = "/var/lib/containers/storage"
+
+[storage.options]
+additionalimagestores = ["/var/lib/containers/ro"]
 """
 
 HOSTS = """\
