@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from fcvm import log
 from fcvm.agent import protocol as p
 from fcvm.errors import FcvmError, GuestError
-from fcvm.session import Channel, Session
+from fcvm.session import Channel, Session, fdio
 from fcvm.terminal import raw_mode, window_size
 
 logger = log.get("remote")
@@ -61,57 +60,6 @@ class LocalStdio:
         fd = self.terminal_fd()
         rows, cols = (window_size(fd) if fd is not None else None) or (24, 80)
         return {"tty": True, "rows": rows, "cols": cols}
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            import select
-
-            select.select([], [fd], [])
-
-
-async def _channel_to_fd(channel: Channel, fd: int) -> None:
-    broken = False
-    while True:
-        data = await channel.read()
-        if not data:
-            return
-        if broken:
-            continue  # keep consuming so flow control does not stall the guest
-        try:
-            _write_all(fd, data)
-        except BrokenPipeError:
-            broken = True
-
-
-async def _fd_to_channel(fd: int, channel: Channel) -> None:
-    """Stream a local fd into the channel, then EOF. Regular files are read in a
-    thread; pipes, sockets and terminals through the event loop (so cancelling
-    never leaves a thread blocked in read)."""
-    loop = asyncio.get_running_loop()
-    regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    try:
-        while True:
-            if regular:
-                data = await loop.run_in_executor(None, os.read, fd, 65536)
-            else:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fd)
-                data = os.read(fd, 65536)
-            if not data:
-                break
-            await channel.write(data)
-        await channel.write_eof()
-    except (ConnectionError, OSError):
-        pass
 
 
 async def run_remote(
@@ -178,13 +126,13 @@ async def _attach(
 ) -> int:
     outputs = []
     if stdio.tty:
-        outputs.append(asyncio.create_task(_channel_to_fd(channels[0], stdio.stdout)))
+        outputs.append(asyncio.create_task(fdio.pump_channel_to_fd(channels[0], stdio.stdout)))
     else:
-        outputs.append(asyncio.create_task(_channel_to_fd(channels[1], stdio.stdout)))
-        outputs.append(asyncio.create_task(_channel_to_fd(channels[2], stdio.stderr)))
+        outputs.append(asyncio.create_task(fdio.pump_channel_to_fd(channels[1], stdio.stdout)))
+        outputs.append(asyncio.create_task(fdio.pump_channel_to_fd(channels[2], stdio.stderr)))
     inputs = []
     if stdio.stdin is not None:
-        inputs.append(asyncio.create_task(_fd_to_channel(stdio.stdin, channels[0])))
+        inputs.append(asyncio.create_task(fdio.pump_fd_to_channel(stdio.stdin, channels[0])))
     try:
         while True:
             event = await proc.recv_json()

@@ -226,8 +226,9 @@ def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> Non
     tmux.send("Escape")
     time.sleep(1.0)  # vi waits briefly to tell a lone ESC from an escape sequence
     tmux.send(":wq", "Enter")
-    tmux.send("clear; cat /tmp/edited.txt", "Enter")
-    tmux.wait_for("hello from vi")
+    # Upper-cased, so neither vi's screen nor the typed command can match it.
+    tmux.send("clear; tr a-z A-Z < /tmp/edited.txt", "Enter")
+    tmux.wait_for("HELLO FROM VI")
     tmux.send("C-d")  # EOF to the shell ends the session
     tmux.wait_for("DONE-0")
     with open(before) as b, open(after) as a:

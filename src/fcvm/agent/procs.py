@@ -10,8 +10,6 @@ other pid is just reaped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import fcntl
 import os
 import signal
@@ -20,8 +18,6 @@ import subprocess
 import termios
 from collections.abc import Sequence
 from typing import Any
-
-from fcvm.session import Channel
 
 
 class Reaper:
@@ -81,77 +77,6 @@ def spawn(
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-async def _read_fd(fd: int, n: int) -> bytes:
-    """Read from a non-blocking fd when it is readable; b'' at EOF (EIO on a PTY master)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            return os.read(fd, n)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if exc.errno == errno.EIO:  # PTY: the slave side is closed
-                return b""
-            raise
-        ready = loop.create_future()
-        loop.add_reader(fd, ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
-
-
-async def _write_fd(fd: int, data: bytes) -> None:
-    loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-            view = view[n:]
-            continue
-        except BlockingIOError:
-            pass
-        ready = loop.create_future()
-        loop.add_writer(fd, ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(fd)
-
-
-async def pump_fd_to_channel(fd: int, channel: Channel) -> None:
-    """Copy fd to the channel until EOF, then send EOF. Owns (closes) fd."""
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            data = await _read_fd(fd, 65536)
-            if not data:
-                break
-            await channel.write(data)
-        await channel.write_eof()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        os.close(fd)
-
-
-async def pump_channel_to_fd(channel: Channel, fd: int, *, close: bool = True) -> None:
-    """Copy channel data into fd until the channel's EOF; then close fd (the child's EOF)."""
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            data = await channel.read()
-            if not data:
-                break
-            await _write_fd(fd, data)
-    except (ConnectionError, OSError):
-        pass  # the process closed its stdin: drop the rest
-    finally:
-        if close:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def exit_event(code: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fcvm.agent import procs
 from fcvm.agent import protocol as p
-from fcvm.session import Channel
+from fcvm.session import Channel, fdio
 
 log = logging.getLogger("fcvm.agent")
 
@@ -217,24 +217,35 @@ async def _execute(
     if spec.get("mode") == p.MODE_CONTAINER:
         health = asyncio.create_task(_report_health(proc_ch, spec, reaper))
 
+    # The agent owns these descriptors: non-blocking, so a child that stops reading
+    # its stdin never stalls the agent (fdio waits for room instead).
     readers: list[asyncio.Task[None]] = []  # process output -> host
     writers: list[asyncio.Task[None]] = []  # host input -> process
+
+    def output(fd: int, ch: Channel) -> None:
+        os.set_blocking(fd, False)
+        readers.append(asyncio.create_task(fdio.pump_fd_to_channel(fd, ch, close_fd=True)))
+
+    def input_(ch: Channel, fd: int, *, close_fd: bool) -> None:
+        os.set_blocking(fd, False)
+        writers.append(asyncio.create_task(fdio.pump_channel_to_fd(ch, fd, close_fd=close_fd)))
+
     if master is not None:
-        readers.append(asyncio.create_task(procs.pump_fd_to_channel(os.dup(master), stdio[0])))
-        writers.append(asyncio.create_task(procs.pump_channel_to_fd(stdio[0], master, close=False)))
+        output(os.dup(master), stdio[0])
+        input_(stdio[0], master, close_fd=False)  # closed below, after the output
     else:
         for fd, pipe in ((1, proc.stdout), (2, proc.stderr)):
             assert pipe is not None
             raw = os.dup(pipe.fileno())
             pipe.close()
             if fd in stdio:
-                readers.append(asyncio.create_task(procs.pump_fd_to_channel(raw, stdio[fd])))
+                output(raw, stdio[fd])
             else:
                 os.close(raw)
         if proc.stdin is not None:
             raw = os.dup(proc.stdin.fileno())
             proc.stdin.close()
-            writers.append(asyncio.create_task(procs.pump_channel_to_fd(stdio[0], raw)))
+            input_(stdio[0], raw, close_fd=True)
     control = asyncio.create_task(_host_ops(proc_ch, proc, master))
 
     code = await done

@@ -1,0 +1,97 @@
+"""Moving bytes between file descriptors and channels, on both sides of a session.
+
+The agent pumps its children's pipes and PTYs; the host pumps fcvm's own stdin,
+stdout and stderr. Both use these, so both behave the same at EOF, on a broken
+pipe and under flow control. Stdlib only (the agent imports it in the guest).
+
+Reads wait for readability in the event loop and then read, so they work on
+blocking descriptors too (fcvm must not set O_NONBLOCK on a terminal it shares
+with the user's shell). Regular files are never "not ready", so they are read in
+a thread instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import stat
+
+from fcvm.session.channel import Channel
+
+CHUNK = 65536
+
+
+async def _ready(fd: int, *, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (
+        loop.add_reader, loop.remove_reader)  # fmt: skip
+    add(fd, fut.set_result, None)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+async def read_fd(fd: int, n: int = CHUNK) -> bytes:
+    """Up to n bytes from fd when it has some; b"" at EOF (and for a PTY whose
+    other side is closed, which reports EIO)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return await asyncio.get_running_loop().run_in_executor(None, os.read, fd, n)
+    while True:
+        await _ready(fd, write=False)
+        try:
+            return os.read(fd, n)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return b""
+            raise
+
+
+async def write_fd(fd: int, data: bytes) -> None:
+    """All of data to fd, waiting for room when fd is non-blocking."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await _ready(fd, write=True)
+
+
+async def pump_fd_to_channel(fd: int, channel: Channel, *, close_fd: bool = False) -> None:
+    """fd -> channel until EOF, then EOF on the channel."""
+    try:
+        while data := await read_fd(fd):
+            await channel.write(data)
+        await channel.write_eof()
+    except (ConnectionError, OSError):
+        pass  # the session or the channel is gone
+    finally:
+        if close_fd:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def pump_channel_to_fd(channel: Channel, fd: int, *, close_fd: bool = False) -> None:
+    """channel -> fd until the channel's EOF. If fd stops taking data (the reader
+    went away), the rest is read and dropped, so the sender is never left waiting
+    for credit. close_fd gives the reader its EOF."""
+    broken = False
+    try:
+        while data := await channel.read():
+            if broken:
+                continue
+            try:
+                await write_fd(fd, data)
+            except OSError:
+                broken = True
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        if close_fd:
+            with contextlib.suppress(OSError):
+                os.close(fd)
