@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcvm import log, paths
-from fcvm.errors import ImageError
+from fcvm.assets import ext4
+from fcvm.errors import FcvmError, ImageError
 from fcvm.plan import ImageSpec
 
 logger = log.get("images")
@@ -47,7 +48,6 @@ STORE_LABEL = "fcvm-images"
 BUILD_PREFIX = ".build-"
 # Where the guest mounts the store; podman's storage.conf lists it as an
 # additionalimagestores entry (assets/rootfs.py).
-GUEST_STORE_DIR = "/var/lib/containers/ro"
 
 
 @dataclass(frozen=True)
@@ -315,45 +315,11 @@ def _load_private(work: Path, run: Path, archive: Path) -> tuple[Path, str, tupl
     return root, str(images[0]["id"]), tuple(images[0].get("names") or ())
 
 
-def _tree_size(root: Path) -> tuple[int, int]:
-    """(bytes in 4 KiB blocks, inodes) of a tree."""
-    total, count = 0, 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            count += 1
-            total += (st.st_size + 4095) // 4096 * 4096
-    return total, count
-
-
 def make_store_ext4(root: Path, out: Path) -> int:
-    """mkfs.ext4 -d: ownership, modes, xattrs, device nodes (whiteouts) and hard links
-    are copied by e2fsprogs >= 1.43. Sized to the content + 10% + 16 MiB; retried once
-    at double the size if it does not fit. Returns the size."""
-    used, inodes = _tree_size(root)
-    size = int(used * 1.10) + 16 * 1024 * 1024
-    for attempt in (1, 2):
-        size = (size + (1 << 20) - 1) // (1 << 20) * (1 << 20)
-        out.unlink(missing_ok=True)
-        with out.open("wb") as f:
-            f.truncate(size)
-        proc = subprocess.run(
-            [
-                "mkfs.ext4", "-q", "-F", "-L", STORE_LABEL, "-m", "0", "-b", "4096",
-                "-O", "^has_journal", "-N", str(inodes + inodes // 5 + 256),
-                "-E", "root_owner=0:0,lazy_itable_init=0,nodiscard",
-                "-d", str(root), str(out),
-            ],
-            capture_output=True,
-            text=True,
-        )  # fmt: skip
-        if proc.returncode == 0:
-            return size
-        if attempt == 2:
-            lines = (proc.stderr or proc.stdout).strip().splitlines()
-            raise StoreBuildError(f"mkfs.ext4 failed: {lines[-1] if lines else proc.returncode}")
-        size *= 2
-    raise AssertionError("unreachable")
+    try:
+        return ext4.pack(root, out, label=STORE_LABEL, growth=1.10, slack_mib=16)
+    except FcvmError as exc:
+        raise StoreBuildError(str(exc)) from None
 
 
 def _prune_superseded(key: str, archive: str) -> None:

@@ -189,7 +189,15 @@ def test_rootfs_contents(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     img = built / "assets" / m.rootfs.file
     assert debugfs_cat(img, "/usr/sbin/fcvm-agent").startswith("#!/usr/bin/python3 -I")
     assert 'cgroup_manager = "cgroupfs"' in debugfs_cat(img, "/etc/containers/containers.conf")
-    assert "graphroot" in debugfs_cat(img, "/etc/containers/storage.conf")
+    storage_conf = debugfs_cat(img, "/etc/containers/storage.conf")
+    assert "graphroot" in storage_conf
+    # podman refuses to start when a listed additional image store is missing.
+    from fcvm.agent.protocol import IMAGE_STORE_DIR
+
+    assert f'additionalimagestores = ["{IMAGE_STORE_DIR}"]' in storage_conf
+    listing = subprocess.run(["debugfs", "-R", f"stat {IMAGE_STORE_DIR}", str(img)],
+                             capture_output=True, text=True).stdout  # fmt: skip
+    assert "Type: directory" in listing, listing
     assert "overlay.ko" in debugfs_cat(img, f"/lib/modules/{m.kernel.release}/modules.dep")
     stat = subprocess.run(
         ["debugfs", "-R", "stat /usr/bin/podman", str(img)], capture_output=True, text=True

@@ -14,7 +14,7 @@ The spec's "mode" says what to run:
 A container spec's "image" is one of:
   {"store": "/dev/vdb", "ref": ID, "device": "/dev/vdc"}
                a prebuilt containers-storage (ext4, read-only): mounted on
-               /var/lib/containers/ro (an additionalimagestores entry) and ID run
+               /var/lib/fcvm-image-store (an additionalimagestores entry) and ID run
                as it is, no load; if it cannot be mounted or lacks ID, "device"
                (optional) is loaded instead, as below
   {"device": "/dev/vdb", "ref": REF}
@@ -57,6 +57,12 @@ EV_ERROR = "error"
 
 OP_RESIZE = "resize"
 OP_SIGNAL = "signal"
+
+# Where the agent mounts an image store disk; the rootfs's storage.conf names it in
+# additionalimagestores (so podman run/exec/inspect all see it) and holds the empty
+# directory: podman refuses to start if a listed store directory is missing. It is
+# outside /var/lib/containers, which the agent covers with a tmpfs.
+IMAGE_STORE_DIR = "/var/lib/fcvm-image-store"
 
 # Name of the main container inside the guest (one container per VM).
 CONTAINER_NAME = "fcvm"

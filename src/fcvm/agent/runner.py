@@ -72,14 +72,11 @@ async def _run_quiet(argv: list[str], reaper: procs.Reaper) -> tuple[int, str]:
     return code, (err + out).decode(errors="replace").strip()
 
 
-# The image store disk is mounted here; the rootfs's storage.conf lists it in
-# additionalimagestores, so every podman command (run, exec, inspect) sees it.
-STORE_DIR = "/var/lib/containers/ro"
 _MS_RDONLY = 1
 _MNT_DETACH = 2
 
 
-def mount_store(device: str, image_id: str, target: str = STORE_DIR) -> str | None:
+def mount_store(device: str, image_id: str, target: str = p.IMAGE_STORE_DIR) -> str | None:
     """Mount an image store read-only; None if it holds `image_id`, else why not."""
     import ctypes
 
@@ -105,10 +102,6 @@ def mount_store(device: str, image_id: str, target: str = STORE_DIR) -> str | No
 async def prepare_image(spec: dict[str, Any], reaper: procs.Reaper, phase: Any) -> str:
     """Make the container image available in the guest's podman; returns its reference."""
     image = spec["image"]
-    # storage.conf names the store directory: podman refuses to start if it is missing
-    # (it is on the agent's tmpfs, empty unless a store gets mounted on it).
-    with contextlib.suppress(OSError):
-        os.makedirs(STORE_DIR, exist_ok=True)
     if "store" in image:
         await phase("image-store")
         why = mount_store(str(image["store"]), str(image["ref"]))

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fcvm import paths
-from fcvm.assets import cache
+from fcvm.agent.protocol import IMAGE_STORE_DIR
+from fcvm.assets import cache, ext4
 from fcvm.assets.kernel import last_line, run
 from fcvm.errors import FcvmError
 
@@ -113,7 +114,7 @@ runtime = "crun"
 network_backend = "netavark"
 """
 
-STORAGE_CONF = """\
+STORAGE_CONF = f"""\
 # fcvm guest: the agent mounts a tmpfs on graphroot; native overlay works on tmpfs.
 # additionalimagestores: fcvm's read-only image store disk, mounted by the agent
 # when the host built one (empty otherwise).
@@ -123,7 +124,7 @@ runroot = "/run/containers/storage"
 graphroot = "/var/lib/containers/storage"
 
 [storage.options]
-additionalimagestores = ["/var/lib/containers/ro"]
+additionalimagestores = ["{IMAGE_STORE_DIR}"]
 """
 
 HOSTS = """\
@@ -242,39 +243,19 @@ def configure(root: Path) -> None:
     _write(root, "etc/hosts", HOSTS)
     _write(root, "etc/resolv.conf", "# written by the fcvm agent when the guest has a network\n")
     _write(root, "etc/machine-id", "")
-    for d in ("var/lib/containers/storage", "run/containers/storage", "mnt", "tmp"):
+    for d in (
+        "var/lib/containers/storage",
+        "run/containers/storage",
+        "mnt",
+        "tmp",
+        IMAGE_STORE_DIR.lstrip("/"),
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "tmp", 0o1777)
 
 
-def content_size(root: Path) -> tuple[int, int]:
-    """(bytes rounded to 4 KiB blocks, number of inodes) of a directory tree."""
-    total, count = 0, 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            count += 1
-            total += (st.st_size + 4095) // 4096 * 4096
-    return total, count
-
-
 def make_ext4(root: Path, out: Path) -> int:
-    used, inodes = content_size(root)
-    size = int(used * 1.15) + 96 * 1024 * 1024
-    size = (size + (1 << 20) - 1) // (1 << 20) * (1 << 20)
-    with out.open("r+b") as f:
-        f.truncate(size)
-    run(
-        [
-            "mkfs.ext4", "-q", "-F", "-L", "fcvm-root", "-m", "0", "-b", "4096",
-            "-O", "^has_journal", "-N", str(inodes + inodes // 5 + 1024),
-            "-E", "root_owner=0:0,lazy_itable_init=0,nodiscard",
-            "-d", str(root), str(out),
-        ],
-        "mkfs.ext4",
-        hint="apt-get install e2fsprogs",
-    )  # fmt: skip
-    return size
+    return ext4.pack(root, out, label="fcvm-root", growth=1.15, slack_mib=96)
 
 
 def build_rootfs(
