@@ -154,7 +154,11 @@ class Tmux:
     def __init__(self, name: str) -> None:
         self.name = name
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        # A tmux server that is already running would give the shell its own (older)
+        # environment: pass fcvm's settings explicitly.
+        env = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("FCVM_") or k == "PATH"]
         subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30",
+                        *(a for kv in env for a in ("-e", kv)),
                         "env", "PS1=$ ", "bash", "--norc", "--noprofile"], check=True)  # fmt: skip
 
     def send(self, *keys: str) -> None:
