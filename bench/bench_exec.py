@@ -52,7 +52,6 @@ sys.path[:0] = [str(REPO / "src")]
 
 from fcvm import paths  # noqa: E402
 from fcvm.remote import LocalStdio, run_remote  # noqa: E402
-from fcvm.runner import EXEC_SOCKET  # noqa: E402
 from fcvm.session import Session  # noqa: E402
 from fcvm.session.transport import connect_unix  # noqa: E402
 
@@ -210,7 +209,7 @@ def main() -> int:
             if not rec:
                 raise BenchError(f"{NAME} not healthy within {HEALTH_TIMEOUT:.0f}s")
             out["vm_healthy_after_s"] = round(time.perf_counter() - t0, 2)
-            sock = paths.vm_dir(str(rec["vm_id"])) / EXEC_SOCKET
+            sock = paths.exec_socket(str(rec["vm_id"]))
             latency: dict[str, object] = {}
             cli_p50: dict[str, float] = {}
             for mode, key, vm in (("exec", "container", False), ("vm", "vm", True)):

@@ -52,6 +52,11 @@ def vm_dir(vm_id: str) -> Path:
     return vms_dir() / vm_id
 
 
+def exec_socket(vm_id: str) -> Path:
+    """Where `fcvm exec` reaches the VM's owning fcvm process (see relay.py)."""
+    return vm_dir(vm_id) / "exec.sock"
+
+
 def snapshots_dir() -> Path:
     return base_dir() / "snapshots"
 

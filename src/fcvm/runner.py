@@ -31,7 +31,6 @@ logger = log.get("runner")
 
 # Failures that may just be the VMM dying under us (the watchdog then says so).
 LOST_SESSION = (SessionLost, SessionClosed, ConnectionError, BrokenPipeError)
-EXEC_SOCKET = "exec.sock"  # where `fcvm exec` reaches the relay (see relay.py)
 BOOT_TIMEOUT = float(os.environ.get("FCVM_BOOT_TIMEOUT", "90"))
 
 
@@ -198,7 +197,7 @@ class Run:
             await asyncio.sleep(0.2)  # let the console log catch up for the message
             raise GuestError(f"no session with the guest agent: {exc}", hint=_detail(vmm)) from None
         self.timings.mark("agent-ready")
-        relay = await start_relay(paths.vm_dir(record.vm_id) / EXEC_SOCKET, session)
+        relay = await start_relay(paths.exec_socket(record.vm_id), session)
         state.update(record, status="running")
 
         def on_event(event: dict[str, Any]) -> None:

@@ -42,7 +42,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
     from fcvm.errors import StateError, UsageError
     from fcvm.plan import parse_env
     from fcvm.remote import LocalStdio
-    from fcvm.runner import EXEC_SOCKET
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -69,7 +68,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         "interactive": args.interactive,
         **stdio.tty_spec(),
     }
-    return asyncio.run(_exec(paths.vm_dir(rec.vm_id) / EXEC_SOCKET, spec, stdio, rec.name))
+    return asyncio.run(_exec(paths.exec_socket(rec.vm_id), spec, stdio, rec.name))
 
 
 async def _exec(sock: Path, spec: dict[str, Any], stdio: LocalStdio, name: str) -> int:
