@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def guest_assets() -> None:
     try:
         resolve_assets()
     except NotSetUp:
-        subprocess.run(["fcvm", "setup"], check=True, timeout=3000)
+        subprocess.run([sys.executable, "-m", "fcvm", "setup"], check=True, timeout=3000)
 
 
 @pytest.fixture(scope="session")
