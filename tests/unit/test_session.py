@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import json
 import logging
 import random
 import socket
 import struct
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -28,25 +26,12 @@ from fcvm.session import (
     encode,
     read_frame,
 )
+from tests.unit.aio import arun
 
 pytestmark = pytest.mark.unit
 
 T = TypeVar("T")
 INVERT = bytes(255 - i for i in range(256))
-
-
-def arun(coro: Coroutine[Any, Any, T]) -> T:
-    """Run coro on a fresh loop; fail on any exception the loop saw unhandled
-    (e.g. "Task exception was never retrieved")."""
-    errors: list[dict[str, Any]] = []
-    with asyncio.Runner() as runner:
-        runner.get_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        result = runner.run(coro)
-        gc.collect()
-        runner.get_loop().run_until_complete(asyncio.sleep(0))
-    gc.collect()
-    assert not errors, errors
-    return result
 
 
 async def stream_pair() -> tuple[

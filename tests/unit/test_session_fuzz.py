@@ -7,7 +7,7 @@ import asyncio
 import gc
 import socket
 import struct
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -26,6 +26,7 @@ from fcvm.session import (
     encode,
     read_frame,
 )
+from tests.unit.aio import arun
 
 pytestmark = pytest.mark.unit
 
@@ -47,15 +48,6 @@ def no_unhandled_loop_errors() -> Iterator[None]:
     errors = list(LOOP_ERRORS)
     LOOP_ERRORS.clear()
     assert not errors, errors
-
-
-def arun(coro: Coroutine[Any, Any, T]) -> T:
-    """Run coro on a fresh loop whose unhandled errors go to LOOP_ERRORS."""
-    with asyncio.Runner() as runner:
-        runner.get_loop().set_exception_handler(lambda _loop, ctx: LOOP_ERRORS.append(ctx))
-        result = runner.run(coro)
-    assert not LOOP_ERRORS, LOOP_ERRORS
-    return result
 
 
 AGENT_HELLO = encode(Frame(FrameType.HELLO, 0, b'{"version":1,"role":"agent"}'))

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hashlib
 import os
 import pty
 import random
 import socket
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -30,25 +28,13 @@ from fcvm.session.transport import (
     host_connected,
     open_virtio_serial,
 )
+from tests.unit.aio import arun
 
 pytestmark = pytest.mark.unit
 
 VMADDR_CID_LOCAL = 1  # the vsock loopback address (not in Python 3.11's socket module)
 
 T = TypeVar("T")
-
-
-def arun(coro: Coroutine[Any, Any, T]) -> T:
-    """Run coro on a fresh loop; fail on any exception the loop saw unhandled."""
-    errors: list[dict[str, Any]] = []
-    with asyncio.Runner() as runner:
-        runner.get_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        result = runner.run(coro)
-        gc.collect()
-        runner.get_loop().run_until_complete(asyncio.sleep(0))
-    gc.collect()
-    assert not errors, errors
-    return result
 
 
 async def exchange(host: Session, agent: Session, size: int) -> None:
