@@ -9,7 +9,7 @@ import logging
 import random
 import socket
 import struct
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -30,7 +30,6 @@ from tests.unit.aio import arun
 
 pytestmark = pytest.mark.unit
 
-T = TypeVar("T")
 INVERT = bytes(255 - i for i in range(256))
 
 

@@ -8,7 +8,7 @@ import gc
 import socket
 import struct
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,7 +30,6 @@ from tests.unit.aio import arun
 
 pytestmark = pytest.mark.unit
 
-T = TypeVar("T")
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

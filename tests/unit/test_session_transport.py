@@ -12,7 +12,6 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -33,8 +32,6 @@ from tests.unit.aio import arun
 pytestmark = pytest.mark.unit
 
 VMADDR_CID_LOCAL = 1  # the vsock loopback address (not in Python 3.11's socket module)
-
-T = TypeVar("T")
 
 
 async def exchange(host: Session, agent: Session, size: int) -> None:
