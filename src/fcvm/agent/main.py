@@ -102,13 +102,8 @@ def main() -> None:
             system.mount_basics()
             params = system.read_cmdline()
             system.set_hostname(params.get("hostname", "fcvm"))
-            system.bring_up_loopback()
             system.configure_network(params)
             log.info("system ready")
-            os.environ.setdefault(
-                "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-            )
-            os.environ.setdefault("HOME", "/root")
         asyncio.run(serve(params))
     except Exception:
         log.exception("agent failed")
