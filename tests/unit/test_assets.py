@@ -508,7 +508,7 @@ def test_install_agent_and_configure(tmp_path: Path, agent_src: Path) -> None:
     assert (pkg / "agent" / "__init__.py").exists()  # made importable
     assert not (pkg / "cli").exists()
     wrapper = root / "usr/sbin/fcvm-agent"
-    assert wrapper.read_text().startswith("#!/usr/bin/python3 -I\n")
+    assert wrapper.read_text().startswith("#!/usr/bin/python3 -IS\n")
     assert wrapper.stat().st_mode & 0o111
     assert "fcvm.agent.main" in wrapper.read_text()
     compile(wrapper.read_text(), "fcvm-agent", "exec")
