@@ -61,6 +61,19 @@ class Run:
         self.proxy_env: dict[str, str] = {}
 
     def execute(self) -> int:
+        """Run the plan; the exit code is the container's, or 128+N after signal N."""
+        # SIGTERM/SIGHUP before the event loop takes over (network setup, image
+        # store build) unwind like Ctrl-C does, so nothing is left half made.
+        previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return self._execute()
+        except _Signalled as sig:
+            return 128 + sig.signum
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _execute(self) -> int:
         from fcvm.assets import resolve_assets
         from fcvm.vmm import select
 
@@ -223,6 +236,16 @@ class Run:
         finally:
             relay.close()
             await session.close()
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
 
 
 def _detail(vmm: Vmm) -> str | None:

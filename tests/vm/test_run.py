@@ -171,3 +171,19 @@ def test_registry_reference_is_pulled_in_the_guest_and_fails_clearly(guest_asset
     assert proc.returncode == 125
     assert "cannot pull docker.io/library/alpine:latest in the guest" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0])
+def test_sigterm_while_starting_leaves_nothing(test_image: str, delay: float) -> None:
+    """SIGTERM during setup (network, image, boot) unwinds everything made so far."""
+    p = _start(f"t-early{int(delay * 10)}", test_image, "sleep", "600")
+    time.sleep(delay)
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    # 143 once fcvm handles signals; a signal that lands before Python has even
+    # started fcvm kills it outright, with nothing made yet (no_leftovers checks).
+    assert p.returncode in (143, -signal.SIGTERM)
