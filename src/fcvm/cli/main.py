@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Firecracker or QEMU underneath.",
         epilog="Environment: FCVM_BASE_DIR (state and assets; default /var/lib/fcvm "
         "for root), FCVM_LOG=info|debug (fcvm's own messages on stderr), "
-        "FCVM_FIRECRACKER (path to firecracker), FCVM_VMM=auto|firecracker|qemu.",
+        "FCVM_FIRECRACKER (path to firecracker), FCVM_VMM=auto|firecracker|qemu, "
+        "FCVM_ASSETS_DIR (share built guest assets), FCVM_IMAGE_STORE=off (attach image "
+        "archives instead of prebuilt image disks).",
     )
     parser.add_argument("--version", action="version", version=f"fcvm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
