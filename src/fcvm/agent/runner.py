@@ -34,7 +34,9 @@ def podman_argv(spec: dict[str, Any], image: str | None = None) -> list[str]:
     interactive = bool(spec.get("interactive"))
     argv = ["podman", "--log-level=error"]
     if mode == p.MODE_CONTAINER:
-        argv += ["run", "--rm", "--network=host", f"--name={p.CONTAINER_NAME}"]
+        # No --rm: the whole VM is thrown away after the run, and removing the
+        # container first only delays the exit code. The image is already local.
+        argv += ["run", "--pull=never", "--network=host", f"--name={p.CONTAINER_NAME}"]
         if spec.get("privileged"):
             argv.append("--privileged")
     else:
