@@ -37,6 +37,7 @@ from pathlib import Path
 from fcvm import log, paths
 from fcvm.assets import ext4
 from fcvm.errors import FcvmError, ImageError
+from fcvm.fsutil import atomic_write
 from fcvm.plan import ImageSpec
 
 logger = log.get("images")
@@ -279,9 +280,7 @@ def build_store(key: str, archive: Path, source: str) -> ImageStore:
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
         }
-        tmp_meta = meta_path.with_name(f"{BUILD_PREFIX}{meta_path.name}.{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp_meta, meta_path)
+        atomic_write(meta_path, json.dumps(meta, indent=1) + "\n")
     finally:
         tmp_ext4.unlink(missing_ok=True)
         _remove_tree(work)

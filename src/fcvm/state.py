@@ -21,6 +21,7 @@ from typing import Any
 
 from fcvm import paths
 from fcvm.errors import StateError
+from fcvm.fsutil import atomic_write
 
 RECORD_FILE = "vm.json"
 
@@ -86,14 +87,7 @@ def _record_path(vm_id: str) -> Path:
 
 def write_record(record: VmRecord) -> None:
     """Atomically replace the record file (write temp, fsync, rename)."""
-    path = _record_path(record.vm_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(record.to_json(), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(_record_path(record.vm_id), json.dumps(record.to_json(), indent=1))
 
 
 def read_record(vm_id: str) -> VmRecord | None:

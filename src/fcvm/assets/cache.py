@@ -183,17 +183,8 @@ def temp_path(final: Path, suffix: str = "") -> Path:
 
 
 def atomic_write_bytes(final: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = temp_path(final)
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(final, mode) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager

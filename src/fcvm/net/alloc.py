@@ -18,13 +18,13 @@ import fcntl
 import ipaddress
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from fcvm.errors import FcvmError
+from fcvm.fsutil import atomic_write
 from fcvm.net.publish import PortForward
 
 # Rootless: every VM gets its own address in 127.77.0.0/16 (all of 127/8 is local on
@@ -142,14 +142,7 @@ class Leases:
 
     def _save(self) -> None:
         body = json.dumps({"version": 1, "leases": self.leases}, indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".leases.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-            os.replace(tmp, self.dir / "leases.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.dir / "leases.json", body)
 
     def __exit__(
         self,

@@ -14,7 +14,6 @@ path (``paths.serve_dir()/NAME.sock``) must fit in 107 bytes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from fcvm import paths
 from fcvm.errors import FcvmError
+from fcvm.fsutil import atomic_write
 
 META_FILE = "meta.json"
 MEMORY_FILE = "memory"
@@ -113,13 +113,7 @@ def layout(name: str) -> SnapshotLayout:
 
 def save_meta(snap: SnapshotLayout, meta: SnapshotMeta) -> None:
     """Atomically write meta.json (temp file, fsync, rename); creates the directory."""
-    snap.dir.mkdir(parents=True, exist_ok=True)
-    tmp = snap.meta.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(meta.to_json(), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, snap.meta)
+    atomic_write(snap.meta, json.dumps(meta.to_json(), indent=1))
 
 
 def load_meta(snap: SnapshotLayout) -> SnapshotMeta:

@@ -9,10 +9,10 @@ Written atomically (temp file + rename); merged (union) as more VMs report.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 
+from fcvm.fsutil import atomic_write
 from fcvm.log import get
 
 PAGE_SIZE = 4096
@@ -60,13 +60,7 @@ def save(path: Path, memory: Path, pages: bytes | bytearray) -> None:
     header = {"version": VERSION, "page_size": PAGE_SIZE, "pages": len(pages)}
     header.update(_identity(memory))
     header["touched"] = len(pages) - bytes(pages).count(0)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(header).encode() + b"\n")
-        f.write(zlib.compress(bytes(pages), 1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(header).encode() + b"\n" + zlib.compress(bytes(pages), 1))
 
 
 def union(a: bytes | bytearray, b: bytes | bytearray) -> bytearray:

@@ -14,13 +14,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from fcvm import log, paths
+from fcvm.fsutil import atomic_write
 from fcvm.vmm.kvm_probe import (
     KVM_DEVICE,
     PROBE_TIMEOUT,
@@ -118,15 +117,7 @@ def _read_cache(key: str) -> KvmStatus | None:
 def _write_cache(key: str, status: KvmStatus) -> None:
     path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".kvm-probe.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "usable": status.usable, "reason": status.reason}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, json.dumps({"key": key, "usable": status.usable,
+                                       "reason": status.reason}))  # fmt: skip
     except OSError as exc:
         _log.debug("cannot cache KVM verdict in %s: %s", path, exc)
