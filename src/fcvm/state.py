@@ -54,14 +54,21 @@ class VmRecord:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Start time of pid in clock ticks since boot, or None if it does not exist."""
+    """Start time of pid in clock ticks since boot (with the pid, a process identity
+    that survives pid reuse), or None if it is gone or a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
     except OSError:
         return None
     # comm (field 2) may contain spaces and parens: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])  # field 22 overall
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    try:
+        return int(fields[19])  # field 22 overall
+    except (IndexError, ValueError):
+        return None
 
 
 def owner_alive(record: VmRecord) -> bool:

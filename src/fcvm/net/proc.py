@@ -16,24 +16,12 @@ from pathlib import Path
 
 from fcvm import log
 from fcvm.errors import FcvmError
+from fcvm.state import process_start_time
 
 _log = log.get("fcvm.net")
 
 
-def start_time(pid: int) -> int | None:
-    """Start time of pid in clock ticks since boot, or None if it is gone (or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if not fields or fields[0] in ("Z", "X"):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
+start_time = process_start_time  # one /proc/PID/stat reader for all of fcvm
 
 
 def alive(pid: int | None, start: int | None) -> bool:
