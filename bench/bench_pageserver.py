@@ -24,7 +24,9 @@ random over 512 MiB); without gcc it falls back to the Python loop (reported as
 Rates are pages/s (median of --repeat runs; every run's bytes are verified against
 the file). Ratios are against c_page with the same access pattern: for each
 repetition the rate divided by c_page's rate measured moments before, then the median.
-Prints one JSON object.
+`c_page_us_per_fault` is the C handler's time per fault as the toucher sees it (round
+trip + one copy); `ceiling_x_c_page` is the block and prefetch ratio the copy floor
+allows at that round trip (see ceilings()). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -99,6 +101,25 @@ def copy_floor(memory: Path, threads: int = 1) -> float:
         os.close(ufd)
         libc.munmap(ctypes.c_void_p(dst), size)
         libc.munmap(ctypes.c_void_p(src), size)
+
+
+def ceilings(c_page: dict[str, list[float]], floor1: float, floor2: float) -> dict[str, Any]:
+    """What the kernel allows in this run, as multiples of c_page: the ratios a server
+    could reach if it answered each fault exactly as fast as the C handler does.
+    Block serving: one C-fast round trip per 16 pages, 15 of them more at the
+    one-thread copy floor. Prefetch: the two-thread copy floor (no faults at all).
+    The goals are ratios to c_page, so they are reachable only when a C round trip
+    is slow enough: these say whether they were in this run."""
+    out: dict[str, Any] = {"c_page_us_per_fault": {}, "ceiling_x_c_page": {}}
+    for p, rates in c_page.items():
+        c = statistics.median(rates)
+        out["c_page_us_per_fault"][p] = round(1e6 / c, 1)
+        block = 16 / (1 / c + 15 / floor1)
+        out["ceiling_x_c_page"][p] = {
+            "py_block64": round(block / c, 2),
+            "py_prefetch": round(floor2 / c, 2),
+        }
+    return out
 
 
 def make_memory(path: Path, size: int) -> None:
@@ -239,6 +260,7 @@ def main() -> int:
         }
         result = {
             "benchmark": "pageserver",
+            **ceilings(samples["c_page"], statistics.median(floor), statistics.median(floor2)),
             "memory_mib": args.size_mib,
             "pages": size // 4096,
             "repeat": args.repeat,
