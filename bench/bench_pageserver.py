@@ -10,6 +10,9 @@ page sequentially and in random order by a Firecracker-side driver process
   py_block64  `fcvm snapshot serve --block-size 64 --no-prefetch`
   py_prefetch `fcvm snapshot serve --block-size 64` after one VM recorded the working set
               (the whole file): measured from the handshake to the last page touched
+  py_huge2m   the py_page server with the driver's memory in 2 MiB hugetlb pages
+              (Firecracker's huge_pages "2M"; needs root to reserve them, given back
+              after): informational, no goal - it shows what larger pages buy
   copy_floor  no faults at all: UFFDIO_COPY of the whole file into a registered anonymous
               mapping of this process, 4 MiB per ioctl from a populated source mapping
               (page allocation + copy: the ceiling for block serving), by one thread
@@ -51,6 +54,11 @@ SNAPSHOT = "bench"
 PATTERNS = ("seq", "random")
 GOALS = {"py_page": 0.8, "py_block64": 5.0, "py_prefetch": 20.0}
 COPY_CHUNK = 4 << 20
+HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+# Driver flags per configuration (the others take none), and configurations that use
+# another one's server.
+DRIVER_ARGS = {"py_huge2m": ["--huge"]}
+SHARES_SERVER = {"py_huge2m": "py_page"}
 
 
 def copy_floor(memory: Path, threads: int = 1) -> float:
@@ -122,6 +130,19 @@ def ceilings(c_page: dict[str, list[float]], floor1: float, floor2: float) -> di
     return out
 
 
+def reserve_hugepages(count: int) -> tuple[int | None, str]:
+    """Add `count` 2 MiB hugetlb pages to the pool; (the previous count, "") or
+    (None, why not)."""
+    if os.geteuid() != 0:
+        return None, "reserving hugetlb pages needs root"
+    before = int(HUGEPAGES.read_text())
+    HUGEPAGES.write_text(f"{before + count}\n")
+    if int(HUGEPAGES.read_text()) < before + count:
+        HUGEPAGES.write_text(f"{before}\n")
+        return None, f"the kernel could not reserve {count} hugetlb pages"
+    return before, ""
+
+
 def make_memory(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         left = size
@@ -134,9 +155,11 @@ def make_memory(path: Path, size: int) -> None:
             pass
 
 
-def run_driver(sock: Path | None, memory: Path, pattern: str, seed: int) -> dict[str, Any]:
+def run_driver(
+    sock: Path | None, memory: Path, pattern: str, seed: int, extra: list[str] | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, str(DRIVER), "--memory", str(memory), "--pattern", pattern]
-    cmd += ["--seed", str(seed)]
+    cmd += ["--seed", str(seed), *(extra or [])]
     cmd += ["--anon"] if sock is None else ["--socket", str(sock)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -178,6 +201,7 @@ def main() -> int:
     base = work / "base"
     env = {**os.environ, "FCVM_BASE_DIR": str(base), "PYTHONPATH": str(REPO / "src")}
     env.pop("FCVM_LOG", None)
+    hugepages_before: int | None = None
     try:
         sys.path.insert(0, str(REPO / "src"))
         os.environ["FCVM_BASE_DIR"] = str(base)
@@ -204,6 +228,11 @@ def main() -> int:
             "py_block64": [*py, "block64", "--block-size", "64", "--no-prefetch", "--no-record"],
             "py_prefetch": [*py, "prefetch", "--block-size", "64"],
         }
+        # Informational, not a goal: the py_page server with the guest memory in 2 MiB
+        # hugetlb pages (Firecracker's huge_pages "2M"): one whole-huge-page copy per fault.
+        hugepages_before, huge_skipped = reserve_hugepages(size // (2 << 20) + 8)
+        if hugepages_before is not None:
+            configs["py_huge2m"] = None
         for name in ("page", "block64", "prefetch"):
             other = layout.layout(name)
             other.dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +254,13 @@ def main() -> int:
                 if cmd is not None:
                     servers[name] = Server(cmd, env)
                     socks[name] = Path(servers[name].info.get("socket", c_sock))
+            for name, owner in SHARES_SERVER.items():
+                if name in configs:
+                    socks[name] = socks[owner]
+            if "py_huge2m" in configs:
+                # A fresh pool's pages are slow on first use (this VM host reclaims free
+                # memory: page_reporting), ~10x on one pass; later VMs reuse the pool.
+                run_driver(socks["py_huge2m"], snap.memory, "random", 98, ["--huge"])
             # The prefetch server's first VM records the working set (the whole file).
             run_driver(socks["py_prefetch"], snap.memory, "random", 99)
             for rep in range(args.repeat):
@@ -233,7 +269,8 @@ def main() -> int:
                 for pattern in PATTERNS:
                     got = {}
                     for name in configs:
-                        out = run_driver(socks[name], snap.memory, pattern, rep)
+                        extra = DRIVER_ARGS.get(name)
+                        out = run_driver(socks[name], snap.memory, pattern, rep, extra)
                         got[name] = out["touched"] / out["connect_to_done_seconds"]
                         toucher.add(out.get("toucher", "python"))
                         samples[name][pattern].append(got[name])
@@ -282,6 +319,7 @@ def main() -> int:
                 "samples": [round(x) for x in floor2],
             },
             "toucher": sorted(toucher),
+            "py_huge2m_skipped": huge_skipped or None,
             "load_before": load_before,
             "load_after": [round(x, 2) for x in os.getloadavg()],
             "samples": {
@@ -293,6 +331,8 @@ def main() -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+        if hugepages_before is not None:
+            HUGEPAGES.write_text(f"{hugepages_before}\n")
     return 0
 
 

@@ -268,6 +268,51 @@ def test_prefetch_of_recorded_working_set(serve: Any, tmp_path: Path) -> None:
     assert third["resident_before_touch"] >= recorded
 
 
+@pytest.fixture
+def hugepages() -> Iterator[None]:
+    """Reserve 2 MiB hugetlb pages for the test, then give them back."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    if os.geteuid() != 0:
+        pytest.skip("reserving hugetlb pages needs root")
+    before = int(knob.read_text())
+    want = before + 48  # two 16 MiB drivers at once, and slack
+    knob.write_text(f"{want}\n")
+    try:
+        if int(knob.read_text()) < want:
+            pytest.skip(f"the kernel could not reserve {want} hugetlb pages")
+        yield
+    finally:
+        knob.write_text(f"{before}\n")
+
+
+@pytest.mark.parametrize("block", [4096, 65536])
+def test_hugepage_guest_memory(serve: Any, hugepages: None, block: int) -> None:
+    """Firecracker's `huge_pages: "2M"`: regions of 2 MiB hugetlb pages. Each fault is
+    answered with one whole huge page (the block size does not apply); a removed huge
+    page comes back as zeros (copied: hugetlbfs has no UFFDIO_ZEROPAGE)."""
+    s = serve(block_size=block)
+    seq = s.drive("--huge", "--pattern", "seq", "--regions", "2")
+    assert_all_bytes_right(seq)
+    assert s.stats()["faults"] == 8  # one per huge page
+    rand = s.drive("--huge", "--pattern", "random", "--seed", "3",
+                   "--remove", f"{6 * MiB}:{2 * MiB}")  # fmt: skip
+    assert_all_bytes_right(rand)
+    assert rand["removed_zero_pages"] == rand["removed_pages"] == 512
+    assert rand["outside_removed_ok"]
+    assert s.stats()["pages_copied"] == 2 * 4096
+
+
+def test_hugepage_prefetch(serve: Any, hugepages: None) -> None:
+    s = serve(block_size=65536, prefetch=True)
+    first = s.drive("--huge", "--pattern", "seq", "--fraction", "0.25", "--no-verify")
+    assert first["touched"] == 1024
+    wait_for(lambda: s.stats()["workingset_pages"] > 0)
+    assert s.stats()["workingset_pages"] == 1024  # two huge pages' worth
+    second = s.drive("--huge", "--pattern", "random", "--resident-after", "1.0")
+    assert_all_bytes_right(second)
+    assert second["resident_before_touch"] >= 1024
+
+
 def test_stop_drains_attached_vms(serve: Any) -> None:
     """A VM attached at stop() gets all its memory first, so it survives the server."""
     s = serve()

@@ -105,7 +105,7 @@ class PageServer:
         self.refusals: collections.deque[str] = collections.deque(maxlen=100)
         self.counters: dict[str, int] = collections.Counter(
             dict.fromkeys(
-                ("peers_total", "refused", "pages_copied", "pages_zero", "pages_prefetched",
+                ("peers_total", "refused", "faults", "pages_copied", "pages_zero", "pages_prefetched",
                  "events", "removes", "eexist", "copy_errors", "workingset_saves"),
                 0,
             )
@@ -224,6 +224,7 @@ class PageServer:
                 "refusals": list(self.refusals),
                 "workingset_pages": workingset.count(self._ws) if self._ws is not None else 0,
                 **self.counters,
+                "faults": self.counters["faults"] + sum(p.faults for p in peers),
                 "pages_copied": self.counters["pages_copied"] + sum(p.pages_copied for p in peers),
                 "pages_zero": self.counters["pages_zero"] + sum(p.pages_zero for p in peers),
             }
@@ -400,6 +401,7 @@ class PageServer:
         with self._stats_lock:  # stats() never sees a peer both or neither counted
             if self._peers.pop(peer.uffd, None) is None:
                 return
+            self.counters["faults"] += peer.faults
             self.counters["pages_copied"] += peer.pages_copied
             self.counters["pages_zero"] += peer.pages_zero
         peer.alive = False
