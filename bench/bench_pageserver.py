@@ -35,6 +35,7 @@ allows at that round trip (see ceilings()). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -53,6 +54,12 @@ C_SOURCE = REPO / "bench" / "uffd_handler.c"
 SNAPSHOT = "bench"
 PATTERNS = ("seq", "random")
 GOALS = {"py_page": 0.8, "py_block64": 5.0, "py_prefetch": 20.0}
+# (CPU of the server's fault-serving thread, CPU of the faulting thread). A fault's round
+# trip is two wakeups; across CPUs each is an IPI to a halted vCPU, which on this VM
+# host costs tens of microseconds (C: ~60 us per fault vs ~4 us on one CPU). Left to the
+# scheduler, the two land on one CPU or on two and switch every minute or so, which
+# made single runs swing 0.5x-2.4x; pinned, each placement is reproducible.
+PLACEMENTS = {"cross_cpu": (0, 1), "same_cpu": (0, 0)}
 COPY_CHUNK = 4 << 20
 HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 # Driver flags per configuration (the others take none), and configurations that use
@@ -130,6 +137,16 @@ def ceilings(c_page: dict[str, list[float]], floor1: float, floor2: float) -> di
     return out
 
 
+def place(pid: int, cpu: int) -> None:
+    """Pin a server's fault-serving thread (its main thread: the C handler has no
+    other, the Python server answers faults on it) to `cpu`; its other threads
+    (prefetch, source population) may run on any CPU."""
+    anywhere = os.sched_getaffinity(0)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), {cpu} if int(task) == pid else anywhere)
+
+
 def reserve_hugepages(count: int) -> tuple[int | None, str]:
     """Add `count` 2 MiB hugetlb pages to the pool; (the previous count, "") or
     (None, why not)."""
@@ -141,6 +158,34 @@ def reserve_hugepages(count: int) -> tuple[int | None, str]:
         HUGEPAGES.write_text(f"{before}\n")
         return None, f"the kernel could not reserve {count} hugetlb pages"
     return before, ""
+
+
+def summarize(
+    samples: dict[str, dict[str, list[float]]],
+    pair_ratios: dict[str, dict[str, list[float]]],
+    floor1: float,
+    floor2: float,
+) -> dict[str, Any]:
+    """One placement's rates, ratios, goals, ceilings and raw samples."""
+    ratios = {
+        name: {p: round(statistics.median(v), 2) for p, v in by.items()}
+        for name, by in pair_ratios.items()
+    }
+    return {
+        "rates": {
+            name: {p: round(statistics.median(v)) for p, v in by.items()}
+            for name, by in samples.items()
+        },
+        "ratio_vs_c_page": ratios,
+        "goals_met": {
+            name: {"goal_x_c_page": goal, **{p: ratios[name][p] >= goal for p in PATTERNS}}
+            for name, goal in GOALS.items()
+        },
+        **ceilings(samples["c_page"], floor1, floor2),
+        "samples": {
+            n: {p: [round(x) for x in v] for p, v in by.items()} for n, by in samples.items()
+        },
+    }
 
 
 def make_memory(path: Path, size: int) -> None:
@@ -156,9 +201,15 @@ def make_memory(path: Path, size: int) -> None:
 
 
 def run_driver(
-    sock: Path | None, memory: Path, pattern: str, seed: int, extra: list[str] | None = None
+    sock: Path | None,
+    memory: Path,
+    pattern: str,
+    seed: int,
+    extra: list[str] | None = None,
+    cpu: int | None = None,
 ) -> dict[str, Any]:
-    cmd = [sys.executable, str(DRIVER), "--memory", str(memory), "--pattern", pattern]
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    cmd = [*pin, sys.executable, str(DRIVER), "--memory", str(memory), "--pattern", pattern]
     cmd += ["--seed", str(seed), *(extra or [])]
     cmd += ["--anon"] if sock is None else ["--socket", str(sock)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -238,11 +289,14 @@ def main() -> int:
             other.dir.mkdir(parents=True, exist_ok=True)
             os.link(snap.memory, other.memory)
             layout.save_meta(other, layout.SnapshotMeta(name=name, memory_size=size))
-        samples: dict[str, dict[str, list[float]]] = {
-            name: {p: [] for p in PATTERNS} for name in configs
+        # Where the fault-serving thread and the faulting thread run: see PLACEMENTS.
+        placements = PLACEMENTS if len(os.sched_getaffinity(0)) > 1 else {"same_cpu": (0, 0)}
+        samples: dict[str, dict[str, dict[str, list[float]]]] = {
+            where: {name: {p: [] for p in PATTERNS} for name in configs} for where in placements
         }
-        pair_ratios: dict[str, dict[str, list[float]]] = {
-            name: {p: [] for p in PATTERNS} for name in configs if name != "c_page"
+        pair_ratios: dict[str, dict[str, dict[str, list[float]]]] = {
+            where: {name: {p: [] for p in PATTERNS} for name in configs if name != "c_page"}
+            for where in placements
         }
         floor: list[float] = []
         floor2: list[float] = []
@@ -261,57 +315,47 @@ def main() -> int:
                 # A fresh pool's pages are slow on first use (this VM host reclaims free
                 # memory: page_reporting), ~10x on one pass; later VMs reuse the pool.
                 run_driver(socks["py_huge2m"], snap.memory, "random", 98, ["--huge"])
-            # The prefetch server's first VM records the working set (the whole file).
+            # The prefetch server's first VM records the working set (the whole file);
+            # the second starts its prefetch threads (unpinned from then on).
             run_driver(socks["py_prefetch"], snap.memory, "random", 99)
+            run_driver(socks["py_prefetch"], snap.memory, "none", 99)
             for rep in range(args.repeat):
                 floor.append(copy_floor(snap.memory))
                 floor2.append(copy_floor(snap.memory, threads=2))
-                for pattern in PATTERNS:
-                    got = {}
-                    for name in configs:
-                        extra = DRIVER_ARGS.get(name)
-                        out = run_driver(socks[name], snap.memory, pattern, rep, extra)
-                        got[name] = out["touched"] / out["connect_to_done_seconds"]
-                        toucher.add(out.get("toucher", "python"))
-                        samples[name][pattern].append(got[name])
-                    for name in pair_ratios:
-                        pair_ratios[name][pattern].append(got[name] / got["c_page"])
+                for where, (server_cpu, vm_cpu) in placements.items():
+                    for server in servers.values():
+                        place(server.proc.pid, server_cpu)
+                    for pattern in PATTERNS:
+                        got = {}
+                        for name in configs:
+                            out = run_driver(socks[name], snap.memory, pattern, rep,
+                                             DRIVER_ARGS.get(name), vm_cpu)  # fmt: skip
+                            got[name] = out["touched"] / out["connect_to_done_seconds"]
+                            toucher.add(out.get("toucher", "python"))
+                            samples[where][name][pattern].append(got[name])
+                        for name in pair_ratios[where]:
+                            pair_ratios[where][name][pattern].append(got[name] / got["c_page"])
         finally:
             for server in servers.values():
                 server.stop()
 
-        rates = {
-            name: {p: round(statistics.median(v)) for p, v in by.items()}
-            for name, by in samples.items()
-        }
-        ratios = {
-            name: {p: round(statistics.median(v), 2) for p, v in by.items()}
-            for name, by in pair_ratios.items()
-        }
-        goals = {
-            name: {
-                "goal_x_c_page": goal,
-                **{p: ratios[name][p] >= goal for p in PATTERNS},
-            }
-            for name, goal in GOALS.items()
-        }
+        f1, f2 = statistics.median(floor), statistics.median(floor2)
         result = {
             "benchmark": "pageserver",
-            **ceilings(samples["c_page"], statistics.median(floor), statistics.median(floor2)),
             "memory_mib": args.size_mib,
             "pages": size // 4096,
             "repeat": args.repeat,
             "unit": "pages/s (median)",
-            "rates": rates,
-            "ratio_vs_c_page": ratios,
             "ratio_note": "median over repetitions of (rate / c_page rate of the same repetition)",
-            "goals_met": goals,
+            "placements": {
+                where: {
+                    "server_cpu_vm_cpu": list(placements[where]),
+                    **summarize(samples[where], pair_ratios[where], f1, f2),
+                }
+                for where in placements
+            },
             "copy_floor": {
-                "pages_per_s": round(statistics.median(floor)),
-                "x_c_page": {
-                    p: round(statistics.median(floor) / statistics.median(samples["c_page"][p]), 2)
-                    for p in PATTERNS
-                },
+                "pages_per_s": round(f1),
                 "samples": [round(x) for x in floor],
             },
             "copy_floor_2_threads": {
@@ -322,9 +366,6 @@ def main() -> int:
             "py_huge2m_skipped": huge_skipped or None,
             "load_before": load_before,
             "load_after": [round(x, 2) for x in os.getloadavg()],
-            "samples": {
-                n: {p: [round(x) for x in v] for p, v in by.items()} for n, by in samples.items()
-            },
             "host": {"cpus": os.cpu_count(), "kernel": os.uname().release, "time": time.time()},
         }
         print(json.dumps(result, indent=1))

@@ -105,8 +105,9 @@ class PageServer:
         self.refusals: collections.deque[str] = collections.deque(maxlen=100)
         self.counters: dict[str, int] = collections.Counter(
             dict.fromkeys(
-                ("peers_total", "refused", "faults", "pages_copied", "pages_zero", "pages_prefetched",
-                 "events", "removes", "eexist", "copy_errors", "workingset_saves"),
+                ("peers_total", "refused", "faults", "pages_copied", "pages_zero",
+                 "pages_prefetched", "events", "removes", "eexist", "copy_errors",
+                 "workingset_saves"),
                 0,
             )
         )  # fmt: skip
