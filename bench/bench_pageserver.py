@@ -24,9 +24,12 @@ so the figures measure faults, not a Python loop (~0.2 us/page sequential, ~0.5 
 random over 512 MiB); without gcc it falls back to the Python loop (reported as
 "toucher").
 
-Rates are pages/s (median of --repeat runs; every run's bytes are verified against
-the file). Ratios are against c_page with the same access pattern: for each
-repetition the rate divided by c_page's rate measured moments before, then the median.
+Every configuration is measured in two placements (PLACEMENTS): the server's
+fault-serving thread on CPU 0 and the faulting thread on CPU 1 (`cross_cpu`), and both
+on CPU 0 (`same_cpu`); the JSON has one block per placement. Rates are pages/s (median
+of --repeat runs; every run's bytes are verified against the file). Ratios are
+against c_page with the same access pattern and placement: for each repetition the
+rate divided by c_page's rate measured moments before, then the median.
 `c_page_us_per_fault` is the C handler's time per fault as the toucher sees it (round
 trip + one copy); `ceiling_x_c_page` is the block and prefetch ratio the copy floor
 allows at that round trip (see ceilings()). Prints one JSON object.
