@@ -10,6 +10,7 @@ import os
 import pty
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from fcvm.agent import procs
@@ -19,6 +20,8 @@ from fcvm.session import Channel, fdio
 log = logging.getLogger("fcvm.agent")
 
 OUTPUT_DRAIN_SECONDS = 5.0
+CONTAINER_PIDFILE = "/run/fcvm-container.pid"
+HEALTH_POLL_SECONDS = 0.05  # (a file read: cheap enough to poll often)
 
 
 class ProcError(Exception):
@@ -37,6 +40,7 @@ def podman_argv(spec: dict[str, Any], image: str | None = None) -> list[str]:
         # No --rm: the whole VM is thrown away after the run, and removing the
         # container first only delays the exit code. The image is already local.
         argv += ["run", "--pull=never", "--network=host", f"--name={p.CONTAINER_NAME}"]
+        argv.append(f"--pidfile={CONTAINER_PIDFILE}")  # (how the health poll sees it run)
         if spec.get("privileged"):
             argv.append("--privileged")
     else:
@@ -210,7 +214,7 @@ async def _execute(
     await proc_ch.send_json({"event": p.EV_STARTED, "pid": proc.pid})
     health = None
     if spec.get("mode") == p.MODE_CONTAINER:
-        health = asyncio.create_task(_report_health(proc_ch, spec, reaper))
+        health = asyncio.create_task(_report_health(proc_ch, spec))
 
     # The agent owns these descriptors: non-blocking, so a child that stops reading
     # its stdin never stalls the agent (fdio waits for room instead).
@@ -257,12 +261,19 @@ async def _execute(
     await proc_ch.send_json(procs.exit_event(code))
 
 
-async def _container_running(reaper: procs.Reaper) -> bool:
-    code, text = await _run_quiet(
-        ["podman", "container", "inspect", "--format", "{{.State.Running}}", p.CONTAINER_NAME],
-        reaper,
-    )
-    return code == 0 and text.strip() == "true"
+def _container_running() -> bool:
+    """The container's process exists: conmon wrote its pid to CONTAINER_PIDFILE (after
+    the runtime created it) and that process is alive. Asking `podman container inspect`
+    instead costs a podman process per poll, which under TCG slowed the `podman run`
+    it watched by ~1 s (1.5 -> 2.4 s for `true` in a warm guest)."""
+    try:
+        pid = int(Path(CONTAINER_PIDFILE).read_text().strip() or "0")
+    except (OSError, ValueError):
+        return False
+    try:  # alive, and not a zombie (exited, not yet reaped by conmon)
+        return pid > 0 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][1] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _probe_url(url: str) -> tuple[bool, str]:
@@ -280,16 +291,16 @@ def _probe_url(url: str) -> tuple[bool, str]:
         return False, str(exc)
 
 
-async def _report_health(proc_ch: Channel, spec: dict[str, Any], reaper: procs.Reaper) -> None:
+async def _report_health(proc_ch: Channel, spec: dict[str, Any]) -> None:
     """healthy: the container runs and, with a health check, its URL answers 2xx/3xx."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + float(spec.get("health_timeout", 60))
     url = spec.get("health_check")
     detail = "container not running"
     while loop.time() < deadline:
-        if await _container_running(reaper):
+        if _container_running():
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(HEALTH_POLL_SECONDS)
     else:
         await proc_ch.send_json({"event": p.EV_HEALTH, "status": "unhealthy", "detail": detail})
         return
