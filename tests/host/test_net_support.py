@@ -30,6 +30,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from fcvm.agent.system import network_commands  # noqa: E402
 from fcvm.net import NetHandle  # noqa: E402
 
 _HOLD = "echo ready; exec cat >/dev/null"
@@ -182,18 +183,10 @@ class FakeGuest:
         if self.userns:
             self.exec += ("--user", "--preserve-credentials")
         self.exec += ("--",)
-        cfg = [
-            "link set lo up",
-            f"link set eth0 address {h.mac}",
-            f"addr add {h.guest_ip}/{h.prefix_len} dev eth0",
-            "link set eth0 up",
-            f"route add default via {h.gateway}",
-        ]
-        if h.guest_ip6:
-            cfg += [
-                f"addr add {h.guest_ip6}/{h.prefix_len6} dev eth0 nodad",
-                f"route add default via {h.gateway6} dev eth0",
-            ]
+        # eth0 as the guest agent configures it, from the kernel parameters the host
+        # would pass (the VMM sets the MAC).
+        params = dict(a[len("fcvm.") :].partition("=")[::2] for a in h.guest_cmdline())
+        cfg = [f"link set eth0 address {h.mac}", *network_commands(params)]
         run_in(self.exec, "ip", "-batch", "-", input="".join(f"{x}\n" for x in cfg))
         self.servers: list[subprocess.Popen[str]] = []
 

@@ -196,10 +196,4 @@ def test_guest_network_commands() -> None:
     from fcvm.agent.system import network_commands
 
     assert network_commands({}) == ["link set lo up"]
-    cmds = network_commands({"ip": "10.0.2.100/24", "gw": "10.0.2.2", "mtu": "1500",
-                             "ip6": "fd00::100/64", "gw6": "fd00::2"})  # fmt: skip
-    assert cmds == [
-        "link set lo up", "link set eth0 mtu 1500", "link set eth0 up",
-        "addr add 10.0.2.100/24 dev eth0", "route add default via 10.0.2.2",
-        "-6 addr add fd00::100/64 dev eth0 nodad", "-6 route add default via fd00::2",
-    ]  # fmt: skip
+    assert all("-6" not in c for c in network_commands({"ip": "10.0.2.100/24", "ip6": "x"}))

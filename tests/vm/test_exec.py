@@ -78,6 +78,18 @@ def test_vm_flag_runs_in_the_guest_not_the_container(service: str) -> None:
     assert fcvm("exec", "--name", service, "--", *probe).stdout == "container\n"
 
 
+def test_guest_network_as_the_host_set_it_up(service: str) -> None:
+    """eth0 carries the addresses and default routes the host passed (IPv6 too, when
+    the host has it: rootless mode then gives the guest fd00::100)."""
+    from fcvm.net.rootless import _host_has_ipv6
+
+    show = fcvm("exec", "--name", service, "--vm", "--", "sh", "-c",
+                "ip addr show dev eth0; ip route; ip -6 route", check=True).stdout  # fmt: skip
+    assert "inet 10.0.2.100/24" in show and "default via 10.0.2.2" in show, show
+    if _host_has_ipv6():
+        assert "inet6 fd00::100/64" in show and "default via fd00::2" in show, show
+
+
 def test_agent_reaps_orphans(service: str) -> None:
     """PID 1 (the agent) inherits orphans and must reap them: no zombies pile up."""
     script = "for i in 1 2 3 4 5; do (sleep 0.1 &) ; done; sleep 1; ps -eo stat= | grep -c ^Z"

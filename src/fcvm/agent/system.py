@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import socket
 import subprocess
 from pathlib import Path
+
+log = logging.getLogger("fcvm.agent")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -91,21 +94,25 @@ def network_commands(params: dict[str, str]) -> list[str]:
     if params.get("gw"):
         cmds.append(f"route add default via {params['gw']}")
     if params.get("ip6"):
-        cmds.append(f"-6 addr add {params['ip6']} dev eth0 nodad")
+        # (no "-6": a batch line takes no global options; the addresses set the family)
+        cmds.append(f"addr add {params['ip6']} dev eth0 nodad")
         if params.get("gw6"):
-            cmds.append(f"-6 route add default via {params['gw6']}")
+            cmds.append(f"route add default via {params['gw6']}")
     return cmds
 
 
 def configure_network(params: dict[str, str]) -> None:
     """Loopback, eth0 and DNS. One `ip -batch` process: every fork+exec costs tens of
     milliseconds in an emulated guest, and this is on the boot path."""
-    subprocess.run(
+    proc = subprocess.run(
         ["ip", "-force", "-batch", "-"],
         input="\n".join(network_commands(params)) + "\n",
+        capture_output=True,
         text=True,
         check=False,
     )
+    if proc.returncode != 0:
+        log.warning("network setup: %s", " / ".join(proc.stderr.split("\n")).strip(" /"))
     dns = [d for d in params.get("dns", "").split(",") if d]
     if dns:
         Path("/etc/resolv.conf").write_text("".join(f"nameserver {d}\n" for d in dns))
