@@ -10,11 +10,11 @@ import os
 import pty
 import signal
 import subprocess
-from pathlib import Path
 from typing import Any
 
 from fcvm.agent import procs
 from fcvm.agent import protocol as p
+from fcvm.agent.system import read_text
 from fcvm.session import Channel, fdio
 
 log = logging.getLogger("fcvm.agent")
@@ -267,11 +267,11 @@ def _container_running() -> bool:
     instead costs a podman process per poll, which under TCG slowed the `podman run`
     it watched by ~1 s (1.5 -> 2.4 s for `true` in a warm guest)."""
     try:
-        pid = int(Path(CONTAINER_PIDFILE).read_text().strip() or "0")
+        pid = int(read_text(CONTAINER_PIDFILE).strip() or "0")
     except (OSError, ValueError):
         return False
     try:  # alive, and not a zombie (exited, not yet reaped by conmon)
-        return pid > 0 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][1] != "Z"
+        return pid > 0 and read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1][1] != "Z"
     except (OSError, IndexError):
         return False
 

@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import subprocess
-from pathlib import Path
 
 log = logging.getLogger("fcvm.agent")
 
@@ -29,10 +28,20 @@ BASIC_MOUNTS = (
 )
 
 
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def read_cmdline(path: str = "/proc/cmdline") -> dict[str, str]:
     """The fcvm.* kernel parameters, without the prefix."""
     try:
-        words = Path(path).read_text().split()
+        words = read_text(path).split()
     except OSError:
         return {}
     params = {}
@@ -45,7 +54,7 @@ def read_cmdline(path: str = "/proc/cmdline") -> dict[str, str]:
 
 def _mounted() -> set[str]:
     try:
-        return {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()}
+        return {line.split()[1] for line in read_text("/proc/mounts").splitlines()}
     except OSError:
         return set()
 
@@ -65,10 +74,8 @@ def mount_basics() -> None:
         mount(source, target, fstype, options)
     # Let podman/crun use the usual controllers in child cgroups.
     with contextlib.suppress(OSError):
-        controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
-        Path("/sys/fs/cgroup/cgroup.subtree_control").write_text(
-            " ".join(f"+{c}" for c in controllers)
-        )
+        controllers = read_text("/sys/fs/cgroup/cgroup.controllers").split()
+        write_text("/sys/fs/cgroup/cgroup.subtree_control", " ".join(f"+{c}" for c in controllers))
     for link, target in (("/dev/fd", "/proc/self/fd"), ("/dev/ptmx", "pts/ptmx")):
         if not os.path.lexists(link):
             with contextlib.suppress(OSError):
@@ -78,7 +85,7 @@ def mount_basics() -> None:
 def set_hostname(name: str) -> None:
     with contextlib.suppress(OSError):
         socket.sethostname(name)
-        Path("/etc/hostname").write_text(name + "\n")
+        write_text("/etc/hostname", name + "\n")
 
 
 def network_commands(params: dict[str, str]) -> list[str]:
@@ -115,7 +122,7 @@ def configure_network(params: dict[str, str]) -> None:
         log.warning("network setup: %s", " / ".join(proc.stderr.split("\n")).strip(" /"))
     dns = [d for d in params.get("dns", "").split(",") if d]
     if dns:
-        Path("/etc/resolv.conf").write_text("".join(f"nameserver {d}\n" for d in dns))
+        write_text("/etc/resolv.conf", "".join(f"nameserver {d}\n" for d in dns))
 
 
 def power_off() -> None:

@@ -88,10 +88,14 @@ def _fatal(msg):
     sys.exit(1)
 
 
+# asyncio imports ssl if it can (0.12 s of boot under TCG); the agent never speaks TLS,
+# so hide it while asyncio loads, then unhide it (urllib may want it for a health check).
+sys.modules["ssl"] = None
 try:
     from fcvm.agent.main import main
 except Exception as exc:
     _fatal("cannot start: %s: %s" % (type(exc).__name__, exc))
+del sys.modules["ssl"]
 try:
     rc = main()
 except SystemExit as exc:

@@ -16,7 +16,6 @@ import socket
 import stat
 import time
 import tty
-from pathlib import Path
 
 from fcvm.errors import ProtocolError
 
@@ -208,33 +207,33 @@ class _PipeWriter(asyncio.StreamWriter):
 
 def find_virtio_port(name: str, sysfs_root: str = "/sys/class/virtio-ports") -> str | None:
     """The port's device name (e.g. ``vport1p1``) whose sysfs ``name`` is `name`."""
-    root = Path(sysfs_root)
     try:
-        entries = sorted(root.iterdir())
+        entries = sorted(os.listdir(sysfs_root))
     except FileNotFoundError:
         return None
     for entry in entries:
         try:
-            port_name = (entry / "name").read_text().strip()
+            with open(os.path.join(sysfs_root, entry, "name"), encoding="utf-8") as f:
+                port_name = f.read().strip()
         except OSError:
             continue
         if port_name == name:
-            return entry.name
+            return entry
     return None
 
 
 def _link_port(name: str, device: str, dev_root: str) -> None:
     """/dev/virtio-ports/NAME -> ../DEVICE, as udev would make it."""
-    links = Path(dev_root) / "virtio-ports"
-    links.mkdir(parents=True, exist_ok=True)
-    link = links / name
+    links = os.path.join(dev_root, "virtio-ports")
+    os.makedirs(links, exist_ok=True)
+    link = os.path.join(links, name)
     target = f"../{device}"
     if os.path.lexists(link):
         if os.readlink(link) == target:
             return
-        link.unlink()
+        os.unlink(link)
     with contextlib.suppress(FileExistsError):  # someone else just made it
-        link.symlink_to(target)
+        os.symlink(target, link)
 
 
 async def open_virtio_serial(

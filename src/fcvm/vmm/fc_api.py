@@ -24,7 +24,8 @@ from fcvm.vmm.base import Drive, NetIface, VmConfig
 
 SPEC_FILE = Path(__file__).parent / "data" / "firecracker-api.yaml"
 
-BASE_BOOT_ARGS = ("console=ttyS0", "reboot=k", "panic=1", "pci=off")
+# (cryptomgr.notests: no boot-time crypto self-tests, see qemu.BASE_CMDLINE)
+BASE_BOOT_ARGS = ("console=ttyS0", "reboot=k", "panic=1", "pci=off", "cryptomgr.notests")
 GUEST_CID = 3
 DEFAULT_IFACE_ID = "eth0"
 
