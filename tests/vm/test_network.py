@@ -68,8 +68,10 @@ def _free_port() -> int:
 
 def test_rootless_publish_and_two_vms_on_one_guest_port(test_image: str) -> None:
     port = _free_port()
-    a = _start("t-net-a", test_image, "--publish", f"{port}:80", cmd=_httpd(80, "vm-a"))
-    b = _start("t-net-b", test_image, "-p", f"{port}:80", cmd=_httpd(80, "vm-b"))
+    # (healthy = httpd answers inside the guest: a started container need not listen yet)
+    ready = ("--health-check", "http://127.0.0.1:80/i.html")
+    a = _start("t-net-a", test_image, "--publish", f"{port}:80", *ready, cmd=_httpd(80, "vm-a"))
+    b = _start("t-net-b", test_image, "-p", f"{port}:80", *ready, cmd=_httpd(80, "vm-b"))
     try:
         rec_a, rec_b = _healthy("t-net-a", a), _healthy("t-net-b", b)
         net_a, net_b = rec_a["network"], rec_b["network"]
@@ -88,6 +90,7 @@ def test_bridged_publish(test_image: str) -> None:
         pytest.skip("bridged networking needs root")
     port = _free_port()
     p = _start("t-net-br", test_image, "--network", "bridged", "-p", f"{port}:8000",
+               "--health-check", "http://127.0.0.1:8000/i.html",
                cmd=_httpd(8000, "bridged"))  # fmt: skip
     try:
         rec = _healthy("t-net-br", p)

@@ -66,3 +66,8 @@ IMAGE_STORE_DIR = "/var/lib/fcvm-image-store"
 
 # Name of the main container inside the guest (one container per VM).
 CONTAINER_NAME = "fcvm"
+
+# Touched by an OCI poststart hook in the rootfs (assets/rootfs.py STARTED_HOOK) once the
+# runtime has started the container's process: how the agent knows the container runs
+# without asking podman (a podman process per poll slowed the run it watched).
+CONTAINER_STARTED_FILE = "/run/fcvm-container.started"

@@ -14,14 +14,12 @@ from typing import Any
 
 from fcvm.agent import procs
 from fcvm.agent import protocol as p
-from fcvm.agent.system import read_text
 from fcvm.session import Channel, fdio
 
 log = logging.getLogger("fcvm.agent")
 
 OUTPUT_DRAIN_SECONDS = 5.0
-CONTAINER_PIDFILE = "/run/fcvm-container.pid"
-HEALTH_POLL_SECONDS = 0.05  # (a file read: cheap enough to poll often)
+HEALTH_POLL_SECONDS = 0.05  # (a stat: cheap enough to poll often)
 
 
 class ProcError(Exception):
@@ -40,7 +38,6 @@ def podman_argv(spec: dict[str, Any], image: str | None = None) -> list[str]:
         # No --rm: the whole VM is thrown away after the run, and removing the
         # container first only delays the exit code. The image is already local.
         argv += ["run", "--pull=never", "--network=host", f"--name={p.CONTAINER_NAME}"]
-        argv.append(f"--pidfile={CONTAINER_PIDFILE}")  # (how the health poll sees it run)
         if spec.get("privileged"):
             argv.append("--privileged")
     else:
@@ -261,19 +258,14 @@ async def _execute(
     await proc_ch.send_json(procs.exit_event(code))
 
 
-def _container_running() -> bool:
-    """The container's process exists: conmon wrote its pid to CONTAINER_PIDFILE (after
-    the runtime created it) and that process is alive. Asking `podman container inspect`
-    instead costs a podman process per poll, which under TCG slowed the `podman run`
-    it watched by ~1 s (1.5 -> 2.4 s for `true` in a warm guest)."""
-    try:
-        pid = int(read_text(CONTAINER_PIDFILE).strip() or "0")
-    except (OSError, ValueError):
-        return False
-    try:  # alive, and not a zombie (exited, not yet reaped by conmon)
-        return pid > 0 and read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1][1] != "Z"
-    except (OSError, IndexError):
-        return False
+def _container_started() -> bool:
+    """The runtime has started the container's process: the rootfs's poststart hook
+    touched CONTAINER_STARTED_FILE. (It may have exited since; then the run is ending
+    and this poll with it.) Asking `podman container inspect` instead costs a podman
+    process per poll, which under TCG slowed the `podman run` it watched by ~1 s (1.5 ->
+    2.4 s for `true` in a warm guest); a pid file would be too early (written at create,
+    before start, when `podman exec` still fails)."""
+    return os.path.exists(p.CONTAINER_STARTED_FILE)
 
 
 def _probe_url(url: str) -> tuple[bool, str]:
@@ -298,7 +290,7 @@ async def _report_health(proc_ch: Channel, spec: dict[str, Any]) -> None:
     url = spec.get("health_check")
     detail = "container not running"
     while loop.time() < deadline:
-        if _container_running():
+        if _container_started():
             break
         await asyncio.sleep(HEALTH_POLL_SECONDS)
     else:
