@@ -24,9 +24,9 @@ so the figures measure faults, not a Python loop (~0.2 us/page sequential, ~0.5 
 random over 512 MiB); without gcc it falls back to the Python loop (reported as
 "toucher").
 
-Every configuration is measured in two placements (PLACEMENTS): the server's
-fault-serving thread on CPU 0 and the faulting thread on CPU 1 (`cross_cpu`), and both
-on CPU 0 (`same_cpu`); the JSON has one block per placement. Rates are pages/s (median
+Every configuration is measured in two placements (placements()): the server's
+fault-serving thread on one CPU and the faulting thread on another (`cross_cpu`), and
+both on one (`same_cpu`); the JSON has one block per placement. Rates are pages/s (median
 of --repeat runs; every run's bytes are verified against the file). Ratios are
 against c_page with the same access pattern and placement: for each repetition the
 rate divided by c_page's rate measured moments before, then the median.
@@ -57,18 +57,26 @@ C_SOURCE = REPO / "bench" / "uffd_handler.c"
 SNAPSHOT = "bench"
 PATTERNS = ("seq", "random")
 GOALS = {"py_page": 0.8, "py_block64": 5.0, "py_prefetch": 20.0}
-# (CPU of the server's fault-serving thread, CPU of the faulting thread). A fault's round
-# trip is two wakeups; across CPUs each is an IPI to a halted vCPU, which on this VM
-# host costs tens of microseconds (C: ~60 us per fault vs ~4 us on one CPU). Left to the
-# scheduler, the two land on one CPU or on two and switch every minute or so, which
-# made single runs swing 0.5x-2.4x; pinned, each placement is reproducible.
-PLACEMENTS = {"cross_cpu": (0, 1), "same_cpu": (0, 0)}
 COPY_CHUNK = 4 << 20
 HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 # Driver flags per configuration (the others take none), and configurations that use
 # another one's server.
 DRIVER_ARGS = {"py_huge2m": ["--huge"]}
 SHARES_SERVER = {"py_huge2m": "py_page"}
+
+
+def placements() -> dict[str, tuple[int, int]]:
+    """Name -> (CPU of the server's fault-serving thread, CPU of the faulting thread).
+
+    A fault's round trip is two wakeups; across CPUs each is an IPI to a halted vCPU,
+    which on this VM host costs tens of microseconds (C: ~60 us per fault, against ~4 us
+    on one CPU). Left to the scheduler, the two land on one CPU or on two and switch
+    every minute or so, which made single runs swing 0.5x-2.4x; pinned, each placement
+    is reproducible."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return {"same_cpu": (cpus[0], cpus[0])}
+    return {"cross_cpu": (cpus[0], cpus[1]), "same_cpu": (cpus[0], cpus[0])}
 
 
 def copy_floor(memory: Path, threads: int = 1) -> float:
@@ -292,14 +300,14 @@ def main() -> int:
             other.dir.mkdir(parents=True, exist_ok=True)
             os.link(snap.memory, other.memory)
             layout.save_meta(other, layout.SnapshotMeta(name=name, memory_size=size))
-        # Where the fault-serving thread and the faulting thread run: see PLACEMENTS.
-        placements = PLACEMENTS if len(os.sched_getaffinity(0)) > 1 else {"same_cpu": (0, 0)}
+        # Where the fault-serving thread and the faulting thread run: see placements().
+        where_cpus = placements()
         samples: dict[str, dict[str, dict[str, list[float]]]] = {
-            where: {name: {p: [] for p in PATTERNS} for name in configs} for where in placements
+            where: {name: {p: [] for p in PATTERNS} for name in configs} for where in where_cpus
         }
         pair_ratios: dict[str, dict[str, dict[str, list[float]]]] = {
             where: {name: {p: [] for p in PATTERNS} for name in configs if name != "c_page"}
-            for where in placements
+            for where in where_cpus
         }
         floor: list[float] = []
         floor2: list[float] = []
@@ -325,7 +333,7 @@ def main() -> int:
             for rep in range(args.repeat):
                 floor.append(copy_floor(snap.memory))
                 floor2.append(copy_floor(snap.memory, threads=2))
-                for where, (server_cpu, vm_cpu) in placements.items():
+                for where, (server_cpu, vm_cpu) in where_cpus.items():
                     for server in servers.values():
                         place(server.proc.pid, server_cpu)
                     for pattern in PATTERNS:
@@ -352,10 +360,10 @@ def main() -> int:
             "ratio_note": "median over repetitions of (rate / c_page rate of the same repetition)",
             "placements": {
                 where: {
-                    "server_cpu_vm_cpu": list(placements[where]),
+                    "server_cpu_vm_cpu": list(where_cpus[where]),
                     **summarize(samples[where], pair_ratios[where], f1, f2),
                 }
-                for where in placements
+                for where in where_cpus
             },
             "copy_floor": {
                 "pages_per_s": round(f1),
