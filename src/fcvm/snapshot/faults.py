@@ -138,9 +138,9 @@ class Faults:
     def handler(self, peer: Peer) -> Callable[[int], None]:
         """The epoll handler of a peer's uffd: a closure holding in locals all that a
         page-at-a-time fault needs (the fault path is the Python server's cost: a round
-        trip on one CPU costs C ~4 us, and every bytecode here adds to it). Anything else - events,
-        blocks, zero pages, pages already present, ioctl errors - goes to _on_msg.
-        Rebuild it when the peer's regions change (REMAP)."""
+        trip on one CPU costs C ~4 us, and every bytecode here adds to it). Anything
+        else - events, blocks, zero pages, pages already present, ioctl errors - goes to
+        _on_msg. Rebuild it when the peer's regions change (REMAP)."""
         buf = self._rbuf
         readinto = peer.readinto
         unpack_from = _MSG_UNPACK_FROM
