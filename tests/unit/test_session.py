@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import random
-import socket
 import struct
 from typing import Any
 
@@ -26,29 +25,11 @@ from fcvm.session import (
     encode,
     read_frame,
 )
-from tests.unit.aio import arun
+from tests.unit.aio import arun, session_pair, stream_pair
 
 pytestmark = pytest.mark.unit
 
 INVERT = bytes(255 - i for i in range(256))
-
-
-async def stream_pair() -> tuple[
-    tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    tuple[asyncio.StreamReader, asyncio.StreamWriter],
-]:
-    a, b = socket.socketpair()
-    return await asyncio.open_connection(sock=a), await asyncio.open_connection(sock=b)
-
-
-async def session_pair(
-    host_window: int = DEFAULT_WINDOW, agent_window: int = DEFAULT_WINDOW
-) -> tuple[Session, Session]:
-    (hr, hw), (ar, aw) = await stream_pair()
-    host = Session(hr, hw, role="host", window=host_window)
-    agent = Session(ar, aw, role="agent", window=agent_window)
-    await asyncio.gather(host.start(5), agent.start(5))
-    return host, agent
 
 
 def hello(role: str = "agent", **extra: Any) -> bytes:

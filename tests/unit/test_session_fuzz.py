@@ -26,7 +26,7 @@ from fcvm.session import (
     encode,
     read_frame,
 )
-from tests.unit.aio import arun
+from tests.unit.aio import arun, session_pair
 
 pytestmark = pytest.mark.unit
 
@@ -204,13 +204,7 @@ def test_channel_stream_integrity(writes: list[int], reads: list[int]) -> None:
     and a JSON message sent after them (read once the bytes are in) arrives intact."""
 
     async def go() -> None:
-        a, b = socket.socketpair()
-        (hr, hw), (ar, aw) = (
-            await asyncio.open_connection(sock=a),
-            await asyncio.open_connection(sock=b),
-        )
-        host, agent = Session(hr, hw, role="host"), Session(ar, aw, role="agent")
-        await asyncio.gather(host.start(5), agent.start(5))
+        host, agent = await session_pair()
         ch = await host.open_channel({})
         rx = await agent.accept()
         blob = bytes(i % 251 for i in range(sum(writes)))
@@ -249,13 +243,7 @@ def test_channel_stream_integrity(writes: list[int], reads: list[int]) -> None:
 
 def test_json_helpers_roundtrip_unicode() -> None:
     async def go() -> None:
-        a, b = socket.socketpair()
-        (hr, hw), (ar, aw) = (
-            await asyncio.open_connection(sock=a),
-            await asyncio.open_connection(sock=b),
-        )
-        host, agent = Session(hr, hw, role="host"), Session(ar, aw, role="agent")
-        await asyncio.gather(host.start(5), agent.start(5))
+        host, agent = await session_pair()
         msg = {"ünï": "cødé ✓", "n": [1, 2.5, None, True]}
         await host.control.send_json(msg)
         assert await agent.control.recv_json() == msg
