@@ -1,16 +1,31 @@
-"""The one small interface every VMM backend implements.
+"""The one small interface every VMM backend implements, and what a backend module exports.
 
 The rest of fcvm never knows whether Firecracker or QEMU runs the guest: it builds a
-VmConfig, calls start(), opens the agent stream, and finally stop(). Snapshot
-support is added per backend behind the same interface.
+VmConfig, asks the backend for a Vmm, calls start() (or restore()), opens the agent
+stream, and finally stop(). What a backend can do beyond booting (pausing, saving a
+snapshot, starting from one) it declares in `Capabilities`; callers ask before they
+use it, and a backend that cannot raises `NotSupported` with one line.
+
+A backend module (vmm/qemu.py, vmm/firecracker.py) exports ``BACKEND``, a `Backend`:
+its name, how to tell whether it can run here (`availability`), and how to make a Vmm.
+vmm/registry.py lists the modules; nothing else names them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from fcvm.errors import VmmUnavailable
+
+if TYPE_CHECKING:
+    from fcvm.vmm.kvm import KvmStatus
+
+Accel = Literal["kvm", "tcg"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,19 @@ class VmConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a running backend can do beyond booting a guest."""
+
+    accel: Accel  # how the guest's CPU runs
+    snapshot: bool = False  # pause() / resume() / save a snapshot
+    restore: bool = False  # start from a saved snapshot instead of booting
+
+
+class NotSupported(VmmUnavailable):
+    """The backend cannot do what was asked (see its Capabilities)."""
+
+
 class Vmm(ABC):
     """A running (or about to run) microVM."""
 
@@ -56,6 +84,11 @@ class Vmm(ABC):
 
     def __init__(self, config: VmConfig) -> None:
         self.config = config
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this VMM can do (snapshot, restore, the accelerator in use)."""
 
     @abstractmethod
     def start(self) -> None:
@@ -81,3 +114,28 @@ class Vmm(ABC):
         """End the VM (gracefully if it can, else kill) and reap the VMM process.
 
         Idempotent; never raises for a VMM that is already gone."""
+
+    def failure_detail(self) -> str:
+        """What the VMM and the guest said last, for the one-line error when it dies."""
+        return ""
+
+    def _unsupported(self, what: str) -> NotSupported:
+        return NotSupported(f"the {self.name} backend cannot {what} here")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run guests on this host, with what, and why (not)."""
+
+    usable: bool
+    reason: str
+    accel: Accel = "kvm"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend module exports as BACKEND (see vmm/registry.py)."""
+
+    name: str
+    availability: Callable[[KvmStatus], Availability]
+    create: Callable[[VmConfig, Accel], Vmm]

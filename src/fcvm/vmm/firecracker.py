@@ -27,16 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcvm import errors, log
 from fcvm.vmm import fc_api, process
-from fcvm.vmm.base import VmConfig
+from fcvm.vmm.base import Accel, Availability, Backend, Capabilities, VmConfig
 from fcvm.vmm.fc_api import ApiClient, ApiRequest, MemBackendType, SnapshotType
+
+if TYPE_CHECKING:
+    from fcvm.vmm.kvm import KvmStatus
 
 _log = log.get("vmm.firecracker")
 
@@ -47,6 +51,35 @@ VMM_LOG = "firecracker-vmm.log"  # Firecracker's own logger (PUT /logger)
 AGENT_VSOCK_PORT = 1024
 MAX_UNIX_PATH = 107
 SNAPSHOT_TIMEOUT = 120.0  # writing/reading guest memory can take a while
+FIRECRACKER_ENV = "FCVM_FIRECRACKER"
+
+
+def firecracker_binary() -> Path | None:
+    """$FCVM_FIRECRACKER if set (and executable), else `firecracker` on PATH."""
+    env = os.environ.get(FIRECRACKER_ENV)
+    if env:
+        p = Path(env)
+        return p if p.is_file() and os.access(p, os.X_OK) else None
+    found = shutil.which("firecracker")
+    return Path(found) if found else None
+
+
+def _missing_binary_reason() -> str:
+    env = os.environ.get(FIRECRACKER_ENV)
+    if env:
+        return f"{FIRECRACKER_ENV}={env} is not an executable file"
+    return f"no firecracker binary (set {FIRECRACKER_ENV} or put it on PATH)"
+
+
+def availability(kvm: KvmStatus) -> Availability:
+    """Firecracker needs its binary and a /dev/kvm that can run a stock guest kernel."""
+    binary = firecracker_binary()
+    problems = [] if binary is not None else [_missing_binary_reason()]
+    if not kvm.usable:
+        problems.append(kvm.reason)
+    if problems:
+        return Availability(False, "; ".join(problems))
+    return Availability(True, f"firecracker at {binary}; {kvm.reason}", "kvm")
 
 
 class FirecrackerVmm(process.ProcessVmm):
@@ -79,16 +112,16 @@ class FirecrackerVmm(process.ProcessVmm):
 
     # --- process ---------------------------------------------------------------
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(accel="kvm", snapshot=True, restore=True)
+
     def binary(self) -> Path:
         if self._binary is not None:
             return self._binary
-        from fcvm.vmm.select import firecracker_binary
-
         found = firecracker_binary()
         if found is None:
-            raise errors.VmmUnavailable(
-                "no firecracker binary (set FCVM_FIRECRACKER or put it on PATH)"
-            )
+            raise errors.VmmUnavailable(_missing_binary_reason())
         return found
 
     def argv(self) -> list[str]:
@@ -278,3 +311,10 @@ class FirecrackerVmm(process.ProcessVmm):
     def instance_info(self) -> dict[str, Any]:
         info = self._send(fc_api.instance_info_request())
         return info if isinstance(info, dict) else {}
+
+
+def _create(config: VmConfig, accel: Accel) -> FirecrackerVmm:
+    return FirecrackerVmm(config)
+
+
+BACKEND = Backend(name="firecracker", availability=availability, create=_create)

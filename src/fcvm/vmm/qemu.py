@@ -14,11 +14,17 @@ import asyncio
 import functools
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fcvm.errors import VmmUnavailable
 from fcvm.vmm import process
-from fcvm.vmm.base import VmConfig
+from fcvm.vmm.base import Accel, Availability, Backend, Capabilities, VmConfig
 from fcvm.vmm.process import ProcessVmm
+
+if TYPE_CHECKING:
+    from fcvm.vmm.kvm import KvmStatus
+
+QEMU_BINARY = "qemu-system-x86_64"
 
 AGENT_PORT_NAME = "fcvm.0"
 BASE_CMDLINE = (
@@ -30,7 +36,6 @@ BASE_CMDLINE = (
     "panic=-1",  # a guest panic ends QEMU at once (-no-reboot)
     # No boot-time self-tests of the kernel's crypto algorithms: ~0.2 s under TCG, and a
     # throwaway VM gains nothing from them.
-    "cryptomgr.notests",
     "cryptomgr.notests",
 )
 
@@ -51,21 +56,36 @@ def host_tsc_khz() -> int | None:
 
 
 def qemu_binary() -> str:
-    path = shutil.which("qemu-system-x86_64")
+    path = shutil.which(QEMU_BINARY)
     if path is None:
-        raise VmmUnavailable("qemu-system-x86_64 not found", hint="apt-get install qemu-system-x86")
+        raise VmmUnavailable(f"{QEMU_BINARY} not found", hint="apt-get install qemu-system-x86")
     return path
+
+
+def availability(kvm: KvmStatus) -> Availability:
+    """QEMU runs wherever its binary is: with KVM when usable, else emulated (TCG)."""
+    if shutil.which(QEMU_BINARY) is None:
+        return Availability(
+            False, f"{QEMU_BINARY} is not on PATH (install Debian's qemu-system-x86)"
+        )
+    if kvm.usable:
+        return Availability(True, "QEMU with KVM", "kvm")
+    return Availability(True, f"QEMU with TCG because {kvm.reason}", "tcg")
 
 
 class QemuVmm(ProcessVmm):
     name = "qemu"
 
-    def __init__(self, config: VmConfig, accel: str = "tcg") -> None:
+    def __init__(self, config: VmConfig, accel: Accel = "tcg") -> None:
         super().__init__(config)
-        self.accel = accel
+        self.accel: Accel = accel
         self.agent_socket = config.workdir / "agent.sock"
         self.qmp_socket = config.workdir / "qmp.sock"
         self.log_path = config.workdir / "qemu.log"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(accel=self.accel)
 
     def argv(self) -> list[str]:
         c = self.config
@@ -127,3 +147,6 @@ class QemuVmm(ProcessVmm):
         # The root disk is read-only and the container's state lives in guest RAM,
         # so there is nothing to flush: a plain kill is a correct shutdown.
         super().stop(timeout)
+
+
+BACKEND = Backend(name="qemu", availability=availability, create=QemuVmm)
