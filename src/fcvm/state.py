@@ -3,25 +3,34 @@
 A record names the fcvm process that owns the VM (pid plus its kernel start time,
 so a recycled pid is never mistaken for the owner). A record whose owner is gone is
 stale: it is never shown as running, and the next fcvm command reaps it (runs the
-registered cleanups and removes the VM directory) - see reap_stale().
+record's cleanups and removes the VM directory) - see reap_stale().
+
+This module knows nothing of what a VM holds. Whoever creates something that can
+outlive a killed fcvm (network namespaces and iptables rules, a page server's socket)
+registers a reaper on the record with `add_reaper(record, function)`; the record
+keeps the function's importable name, and reap_stale() calls it with the record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import os
 import shutil
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcvm import paths
+from fcvm import log, paths
 from fcvm.errors import StateError
 from fcvm.fsutil import atomic_write
+
+_log = log.get("state")
 
 RECORD_FILE = "vm.json"
 
@@ -43,6 +52,8 @@ class VmRecord:
     mem_mib: int = 0
     network: dict[str, Any] = field(default_factory=dict)  # net.NetHandle.record()
     extra: dict[str, Any] = field(default_factory=dict)
+    # "module:function" of each reaper registered with add_reaper, in order.
+    reapers: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +150,34 @@ def update(record: VmRecord, **changes: Any) -> None:
     write_record(record)
 
 
+Reaper = Callable[["VmRecord"], None]
+
+
+def add_reaper(record: VmRecord, reaper: Reaper) -> None:
+    """After a killed owner, reap_stale() will call reaper(record) (before removing the
+    VM directory). The reaper must be a module-level function (of fcvm, for another
+    process to find it), idempotent, and never raise for something already gone.
+    Saves the record."""
+    ref = f"{reaper.__module__}:{reaper.__qualname__}"
+    if not reaper.__qualname__.isidentifier():
+        raise ValueError(f"a reaper must be a module-level function, not {ref}")
+    if ref not in record.reapers:
+        record.reapers.append(ref)
+        write_record(record)
+
+
+def _run_reaper(ref: str, record: VmRecord) -> None:
+    module_name, _, func_name = ref.partition(":")
+    # A record is data on disk: import nothing but fcvm's own modules because of it.
+    if not module_name.startswith("fcvm.") and module_name not in sys.modules:
+        _log.warning("record %s names a foreign reaper %r; skipped", record.vm_id, ref)
+        return
+    try:
+        getattr(importlib.import_module(module_name), func_name)(record)
+    except Exception as exc:
+        _log.warning("reaping %s: %s failed: %s", record.name, ref, exc)
+
+
 def remove(vm_id: str) -> None:
     """Delete the VM's directory (record, sockets, logs)."""
     with locked():
@@ -165,23 +204,11 @@ def reap_stale() -> list[VmRecord]:
         stale = [r for r in _all_records() if not owner_alive(r)]
         for rec in stale:
             _kill_leftover_vmm(rec)
-            if rec.network:
-                from fcvm.net import teardown_from_record
-
-                with contextlib.suppress(Exception):
-                    teardown_from_record(rec.network)
-            _remove_owned_socket(rec)
+            for ref in reversed(rec.reapers):  # undo in the reverse order of creation
+                _run_reaper(ref, rec)
             shutil.rmtree(paths.vm_dir(rec.vm_id), ignore_errors=True)
             reaped.append(rec)
     return reaped
-
-
-def _remove_owned_socket(rec: VmRecord) -> None:
-    """A page server's socket lives under serve_dir(), outside the VM directory."""
-    sock = rec.extra.get("socket")
-    if isinstance(sock, str) and Path(sock).parent == paths.serve_dir():
-        with contextlib.suppress(OSError):
-            Path(sock).unlink()
 
 
 def _kill_leftover_vmm(rec: VmRecord) -> None:

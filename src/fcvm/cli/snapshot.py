@@ -56,94 +56,26 @@ def _group_help(p: argparse.ArgumentParser) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import errno
     import json
-    import os
-    import signal
     import sys
 
-    from fcvm import paths, state
-    from fcvm.errors import FcvmError, StateError, UsageError
-    from fcvm.snapshot import layout, uffd
-    from fcvm.snapshot.pageserver import PageServer
+    from fcvm.errors import UsageError
+    from fcvm.snapshot.serving import serve_snapshot
 
     kib = args.block_size
     if kib < 4 or kib & (kib - 1) or kib > 1 << 20:
         raise UsageError(f"--block-size must be a power of two between 4 and 1048576 KiB: {kib}")
-    snap, _meta = layout.open_snapshot(args.name)
-    if not snap.memory.is_file():
-        raise layout.SnapshotError(f"snapshot {snap.name!r} has no memory file ({snap.memory})")
-    # The VMs a user's fcvm starts create their userfaultfd as that user: say now, in
-    # one line, what to change if they cannot.
-    uffd.probe()
-    sock_path = paths.serve_dir() / f"{snap.name}.sock"
-    if len(os.fsencode(sock_path)) > 107:
-        raise FcvmError(f"socket path too long for a Unix socket: {sock_path}",
-                        hint="use a shorter FCVM_BASE_DIR or snapshot name")  # fmt: skip
 
-    record = state.VmRecord(
-        vm_id=state.new_vm_id(),
-        name=f"serve-{snap.name}",
-        kind="serve",
-        status="starting",
-        extra={
-            "snapshot": snap.name,
-            "socket": str(sock_path),
-            "block_size": kib * 1024,
-            "prefetch": not args.no_prefetch,
-        },
-    )
-    try:
-        state.create(record)
-    except StateError:
-        other = next((r for r in state.list_live() if r.name == record.name), None)
-        pid = f" by pid {other.pid}" if other else ""
-        raise FcvmError(
-            f"snapshot {snap.name!r} is already being served{pid} ({sock_path})"
-        ) from None
-    server = PageServer(
-        snap.memory,
-        sock_path,
-        block_size=kib * 1024,
-        prefetch=not args.no_prefetch,
-        record=not args.no_record,
-        workingset_path=snap.workingset,
-    )
-    previous: dict[signal.Signals, Any] = {}
-    try:
-        try:
-            server.open()
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise FcvmError(
-                    f"snapshot {snap.name!r} is already being served ({sock_path})"
-                ) from None
-            raise FcvmError(f"cannot serve snapshot {snap.name!r}: {exc}") from None
-        except ValueError as exc:
-            raise layout.SnapshotError(f"snapshot {snap.name!r}: {exc}") from None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda signum, frame: server.stop())
-        state.update(record, status="running")
-        info = {
-            "pid": os.getpid(),
-            "socket": str(sock_path),
-            "snapshot": snap.name,
-            "vm_id": record.vm_id,
-            "block_size": kib * 1024,
-            "prefetch": not args.no_prefetch,
-        }
+    def ready(info: dict[str, Any]) -> None:
         if args.json:
             print(json.dumps(info), flush=True)
         else:
-            print(f"pid: {info['pid']}\nsocket: {sock_path}", flush=True)
-        server.serve_forever()
-    finally:
-        server.close()
-        state.remove(record.vm_id)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            print(f"pid: {info['pid']}\nsocket: {info['socket']}", flush=True)
+
+    serve_snapshot(args.name, block_size=kib * 1024, prefetch=not args.no_prefetch,
+                   record_workingset=not args.no_record, on_ready=ready)  # fmt: skip
     if not args.json:
-        print(f"stopped serving {snap.name}", file=sys.stderr)
+        print(f"stopped serving {args.name}", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,13 @@ host helpers. DESIGN.md ("Networking") has the reasons.
 
 from __future__ import annotations
 
-from fcvm.net.handle import NetHandle, proxy_env, setup_network, teardown_from_record
+from fcvm.net.handle import (
+    NetHandle,
+    proxy_env,
+    reap_record,
+    setup_network,
+    teardown_from_record,
+)
 from fcvm.net.publish import PortForward, parse_publish
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "PortForward",
     "parse_publish",
     "proxy_env",
+    "reap_record",
     "setup_network",
     "teardown_from_record",
 ]

@@ -39,6 +39,7 @@ from fcvm.net.proc import (
 from fcvm.net.publish import PortForward
 
 if TYPE_CHECKING:
+    from fcvm.state import VmRecord
     from fcvm.vmm.base import NetIface
 
 _log = log.get("fcvm.net")
@@ -182,6 +183,12 @@ def _undo_locked(rec: Record, leases: Leases) -> None:
     cur = leases.leases.get(vm_id)
     if cur is not None and cur.get("owner") == rec.get("owner"):
         leases.drop(vm_id)
+
+
+def reap_record(vm: VmRecord) -> None:
+    """state.reap_stale()'s reaper for a VM whose owner died: undo its network."""
+    if vm.network:
+        teardown_from_record(vm.network)
 
 
 def teardown_from_record(record: dict[str, Any]) -> None:
