@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fcvm import log
 from fcvm.agent import protocol as p
+from fcvm.agent.spec import ProcessSpec, SpecError
 from fcvm.session import Channel, Session, SessionClosed
 
 logger = log.get("relay")
@@ -63,6 +64,11 @@ async def _serve_client(
             ch = await client.accept()
             meta = dict(ch.meta)
             if meta.get("kind") == p.KIND_PROC:
+                try:  # the client is another process: check what it asks before the VM sees it
+                    ProcessSpec.from_json(meta.get("spec"))
+                except SpecError as exc:
+                    await _refuse(ch, f"malformed process spec: {exc}")
+                    continue
                 meta["stdio"] = {
                     fd: opened[int(cid)].id
                     for fd, cid in dict(meta.get("stdio", {})).items()
@@ -85,6 +91,12 @@ async def _serve_client(
             with contextlib.suppress(Exception):
                 await vm_ch.close()
         await client.close()
+
+
+async def _refuse(ch: Channel, message: str) -> None:
+    with contextlib.suppress(Exception):
+        await ch.send_json({"event": p.EV_ERROR, "message": message, "code": 125})
+        await ch.close()
 
 
 async def start_relay(path: Path, vm: Session) -> asyncio.Server:

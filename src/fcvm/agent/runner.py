@@ -14,6 +14,7 @@ from typing import Any
 
 from fcvm.agent import procs
 from fcvm.agent import protocol as p
+from fcvm.agent.spec import ImageSource, ProcessSpec, SpecError
 from fcvm.session import Channel, fdio
 
 log = logging.getLogger("fcvm.agent")
@@ -28,36 +29,33 @@ class ProcError(Exception):
         self.code = code
 
 
-def podman_argv(spec: dict[str, Any], image: str | None = None) -> list[str]:
+def podman_argv(spec: ProcessSpec, image: str | None = None) -> list[str]:
     """The podman command for a container run or an exec into the container."""
-    mode = spec["mode"]
-    tty = bool(spec.get("tty"))
-    interactive = bool(spec.get("interactive"))
     argv = ["podman", "--log-level=error"]
-    if mode == p.MODE_CONTAINER:
+    if spec.mode == p.MODE_CONTAINER:
         # No --rm: the whole VM is thrown away after the run, and removing the
         # container first only delays the exit code. The image is already local.
         argv += ["run", "--pull=never", "--network=host", f"--name={p.CONTAINER_NAME}"]
-        if spec.get("privileged"):
+        if spec.privileged:
             argv.append("--privileged")
     else:
         argv += ["exec"]
-        if spec.get("workdir"):
-            argv.append(f"--workdir={spec['workdir']}")
-        if spec.get("user"):
-            argv.append(f"--user={spec['user']}")
-    if interactive:
+    if spec.workdir:
+        argv.append(f"--workdir={spec.workdir}")
+    if spec.user:
+        argv.append(f"--user={spec.user}")
+    if spec.interactive:
         argv.append("--interactive")
-    if tty:
+    if spec.tty:
         argv.append("--tty")
-    for key, value in spec.get("env", []):
+    for key, value in spec.env:
         argv.append(f"--env={key}={value}")
-    if mode == p.MODE_CONTAINER:
+    if spec.mode == p.MODE_CONTAINER:
         assert image is not None
         argv.append(image)
     else:
         argv.append(p.CONTAINER_NAME)
-    argv += spec.get("argv", [])
+    argv += spec.argv
     return argv
 
 
@@ -102,30 +100,31 @@ def mount_store(device: str, image_id: str, target: str = p.IMAGE_STORE_DIR) -> 
     return why
 
 
-async def prepare_image(spec: dict[str, Any], reaper: procs.Reaper, phase: Any) -> str:
+async def prepare_image(image: ImageSource, reaper: procs.Reaper, phase: Any) -> str:
     """Make the container image available in the guest's podman; returns its reference."""
-    image = spec["image"]
-    if "store" in image:
+    device = image.device
+    ref = image.ref
+    if image.store is not None:
         await phase("image-store")
-        why = mount_store(str(image["store"]), str(image["ref"]))
+        why = mount_store(image.store, image.ref)
         if why is None:
             await phase("image-loaded")
-            return str(image["ref"])
-        if "device" not in image:
-            raise ProcError(f"image store {image['store']} unusable: {why}", 125)
-        log.warning("image store %s unusable (%s): loading the archive", image["store"], why)
+            return image.ref
+        if device is None:
+            raise ProcError(f"image store {image.store} unusable: {why}", 125)
+        log.warning("image store %s unusable (%s): loading the archive", image.store, why)
         await phase("image-store-unusable", why)
-        image = {"device": image["device"], "ref": ""}
-    if "device" in image:
+        ref = ""  # the store's image ID; the archive's name is what podman load reports
+    if device is not None:
         await phase("image-load")
-        code, text = await _run_quiet(["podman", "load", "-q", "-i", image["device"]], reaper)
+        code, text = await _run_quiet(["podman", "load", "-q", "-i", device], reaper)
         if code != 0:
             raise ProcError(f"podman load failed: {text}", 125)
         # "Loaded image: REF" or "Loaded image(s): REF[,REF]"
         loaded = text.splitlines()[-1].split(": ", 1)[-1].split(",")[0].strip()
         await phase("image-loaded")
-        return image.get("ref") or loaded
-    ref = str(image["pull"])
+        return ref or loaded
+    ref = str(image.pull)
     await phase("image-pull")
     code, text = await _run_quiet(["podman", "pull", "-q", ref], reaper)
     if code != 0:
@@ -136,9 +135,6 @@ async def prepare_image(spec: dict[str, Any], reaper: procs.Reaper, phase: Any) 
 
 
 async def run_proc(proc_ch: Channel, stdio: dict[int, Channel], reaper: procs.Reaper) -> None:
-    spec: dict[str, Any] = proc_ch.meta["spec"]
-    mode = spec.get("mode")
-
     async def phase(name: str, detail: str = "") -> None:
         event = {"event": p.EV_PHASE, "name": name}
         if detail:
@@ -146,22 +142,25 @@ async def run_proc(proc_ch: Channel, stdio: dict[int, Channel], reaper: procs.Re
         await proc_ch.send_json(event)
 
     try:
-        if mode == p.MODE_CONTAINER:
+        try:
+            spec = ProcessSpec.from_json(proc_ch.meta.get("spec"))
+        except SpecError as exc:
+            raise ProcError(f"malformed process spec: {exc}", 125) from None
+        if spec.mode == p.MODE_CONTAINER:
+            assert spec.image is not None
             # Proxies from the host: podman uses them for pulls and passes them on
             # to the container (its --http-proxy default).
-            os.environ.update(spec.get("proxy_env") or {})
-            image = await prepare_image(spec, reaper, phase)
+            os.environ.update(dict(spec.proxy_env))
+            image = await prepare_image(spec.image, reaper, phase)
             argv = podman_argv(spec, image)
             env = None
-        elif mode == p.MODE_EXEC:
+        elif spec.mode == p.MODE_EXEC:
             argv = podman_argv(spec)
             env = None
-        elif mode == p.MODE_VM:
-            argv = list(spec["argv"])
-            env = dict(os.environ)
-            env.update(dict(spec.get("env", [])))
         else:
-            raise ProcError(f"unknown mode {mode!r}", 125)
+            argv = list(spec.argv)
+            env = dict(os.environ)
+            env.update(dict(spec.env))
         await _execute(proc_ch, stdio, reaper, spec, argv, env)
     except ProcError as exc:
         await _send_error(proc_ch, str(exc), exc.code)
@@ -185,17 +184,16 @@ async def _execute(
     proc_ch: Channel,
     stdio: dict[int, Channel],
     reaper: procs.Reaper,
-    spec: dict[str, Any],
+    spec: ProcessSpec,
     argv: list[str],
     env: dict[str, str] | None,
 ) -> None:
-    tty = bool(spec.get("tty"))
-    cwd = spec.get("workdir") if spec.get("mode") == p.MODE_VM else None
+    cwd = spec.workdir if spec.mode == p.MODE_VM else None
     master = None
     try:
-        if tty:
+        if spec.tty:
             master, slave = pty.openpty()
-            procs.set_winsize(slave, int(spec.get("rows", 24)), int(spec.get("cols", 80)))
+            procs.set_winsize(slave, spec.rows, spec.cols)
             proc = procs.spawn(argv, env=env, cwd=cwd, tty_fd=slave)
             os.close(slave)
         else:
@@ -210,7 +208,7 @@ async def _execute(
     done = reaper.watch(proc)
     await proc_ch.send_json({"event": p.EV_STARTED, "pid": proc.pid})
     health = None
-    if spec.get("mode") == p.MODE_CONTAINER:
+    if spec.mode == p.MODE_CONTAINER:
         health = asyncio.create_task(_report_health(proc_ch, spec))
 
     # The agent owns these descriptors: non-blocking, so a child that stops reading
@@ -283,11 +281,11 @@ def _probe_url(url: str) -> tuple[bool, str]:
         return False, str(exc)
 
 
-async def _report_health(proc_ch: Channel, spec: dict[str, Any]) -> None:
+async def _report_health(proc_ch: Channel, spec: ProcessSpec) -> None:
     """healthy: the container runs and, with a health check, its URL answers 2xx/3xx."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + float(spec.get("health_timeout", 60))
-    url = spec.get("health_check")
+    deadline = loop.time() + spec.health_timeout
+    url = spec.health_check
     detail = "container not running"
     while loop.time() < deadline:
         if _container_started():

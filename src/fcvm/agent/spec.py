@@ -1,0 +1,235 @@
+"""What the host asks the agent to run: `ProcessSpec` (and the container's `ImageSource`).
+
+One type for both ends (stdlib only: the guest imports it). The host builds a spec,
+`to_json()` puts it in a process channel's metadata, and the agent reads it back with
+`ProcessSpec.from_json()`. Both directions validate every field: a spec that is not
+exactly right is refused with a `SpecError` naming the field, never a traceback, and
+the agent answers it with an `error` event (code 125) instead of running anything.
+
+Modes (see protocol.py): "container" runs the VM's container (image, command, env,
+health); "exec" runs a command in that container; "vm" runs one in the guest OS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fcvm.agent import protocol as p
+
+MODES = (p.MODE_CONTAINER, p.MODE_EXEC, p.MODE_VM)
+MAX_ARGS = 4096
+MAX_STRING = 64 * 1024
+MAX_TERMINAL = 10_000  # rows/cols
+
+T = TypeVar("T")
+
+
+class SpecError(ValueError):
+    """A process spec that cannot be run as given; the message says which field."""
+
+
+def _string(value: object, name: str, *, empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise SpecError(f"{name} must be a string, not {type(value).__name__}")
+    if not empty and not value:
+        raise SpecError(f"{name} must not be empty")
+    if len(value) > MAX_STRING or "\0" in value:
+        raise SpecError(f"{name} is too long or contains NUL")
+    return value
+
+
+def _optional(value: object, name: str, check: Callable[[object, str], T]) -> T | None:
+    return None if value is None else check(value, name)
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{name} must be true or false")
+    return value
+
+
+def _int(value: object, name: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise SpecError(f"{name} must be a whole number from {low} to {high}")
+    return value
+
+
+def _number(value: object, name: str, low: float, high: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise SpecError(f"{name} must be a number")
+    if not low < float(value) <= high:
+        raise SpecError(f"{name} must be above {low} and at most {high}")
+    return float(value)
+
+
+def _strings(value: object, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_ARGS:
+        raise SpecError(f"{name} must be a list of at most {MAX_ARGS} strings")
+    return tuple(_string(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _env(value: object, name: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_ARGS:
+        raise SpecError(f"{name} must be a list of [KEY, VALUE] pairs")
+    out = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise SpecError(f"{name}[{i}] must be a [KEY, VALUE] pair")
+        key = _string(pair[0], f"{name}[{i}] key", empty=False)
+        if "=" in key:
+            raise SpecError(f"{name}[{i}] key {key!r} contains '='")
+        out.append((key, _string(pair[1], f"{name}[{i}] value")))
+    return tuple(out)
+
+
+def _mapping(value: object, name: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{name} must be a JSON object")
+    return dict(value)
+
+
+def _no_unknown(data: Mapping[str, Any], known: set[str], what: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"{what}: unknown field {unknown[0]!r}")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """How the agent makes the container image available (see protocol.py).
+
+    store:  a prebuilt read-only containers-storage disk holding `ref` (an image ID);
+    device: an OCI/docker archive disk to `podman load` (fallback after a store, or alone);
+    pull:   a registry reference pulled in the guest.
+    """
+
+    ref: str = ""
+    store: str | None = None
+    device: str | None = None
+    pull: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _string(self.ref, "image.ref")
+        for name in ("store", "device", "pull"):
+            _optional(getattr(self, name), f"image.{name}", _string)
+        if self.pull is not None:
+            if self.store is not None or self.device is not None:
+                raise SpecError("image: pull excludes store and device")
+        elif self.store is None and self.device is None:
+            raise SpecError("image: needs store, device or pull")
+        if self.store is not None and not self.ref:
+            raise SpecError("image: a store needs the image ID in ref")
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: object) -> ImageSource:
+        obj = _mapping(data, "image")
+        _no_unknown(obj, {"ref", "store", "device", "pull"}, "image")
+        return cls(
+            ref=_string(obj.get("ref", ""), "image.ref"),
+            store=_optional(obj.get("store"), "image.store", _string),
+            device=_optional(obj.get("device"), "image.device", _string),
+            pull=_optional(obj.get("pull"), "image.pull", _string),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    mode: str
+    argv: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str | None = None
+    user: str | None = None  # container modes only
+    interactive: bool = False
+    tty: bool = False
+    rows: int = 24
+    cols: int = 80
+    # container mode only
+    image: ImageSource | None = None
+    privileged: bool = False
+    health_check: str | None = None
+    health_timeout: float = 60.0
+    proxy_env: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """SpecError unless every field is as the agent needs it."""
+        if self.mode not in MODES:
+            raise SpecError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        _strings(self.argv, "argv")
+        if self.mode != p.MODE_CONTAINER and not self.argv:
+            raise SpecError(f"argv must not be empty in {self.mode} mode")
+        _env(self.env, "env")
+        _env(self.proxy_env, "proxy_env")
+        _optional(self.workdir, "workdir", _string)
+        _optional(self.user, "user", _string)
+        if self.user is not None and self.mode == p.MODE_VM:
+            raise SpecError("user applies to the container; guest commands run as root")
+        _bool(self.interactive, "interactive")
+        _bool(self.tty, "tty")
+        _int(self.rows, "rows", 1, MAX_TERMINAL)
+        _int(self.cols, "cols", 1, MAX_TERMINAL)
+        _bool(self.privileged, "privileged")
+        _optional(self.health_check, "health_check", _string)
+        _number(self.health_timeout, "health_timeout", 0, 86400)
+        if self.mode == p.MODE_CONTAINER:
+            if not isinstance(self.image, ImageSource):
+                raise SpecError("container mode needs an image")
+        elif self.image is not None or self.privileged or self.health_check or self.proxy_env:
+            raise SpecError(f"image, privileged, health_check and proxy_env are for container "
+                            f"mode, not {self.mode}")  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "argv": list(self.argv),
+            "env": [list(kv) for kv in self.env],
+            "interactive": self.interactive,
+            "tty": self.tty,
+            "rows": self.rows,
+            "cols": self.cols,
+        }
+        for name in ("workdir", "user", "health_check"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.mode == p.MODE_CONTAINER:
+            assert self.image is not None
+            out.update(
+                image=self.image.to_json(),
+                privileged=self.privileged,
+                health_timeout=self.health_timeout,
+                proxy_env=[list(kv) for kv in self.proxy_env],
+            )
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> ProcessSpec:
+        """The spec in `data` (a process channel's "spec"), or SpecError."""
+        obj = _mapping(data, "spec")
+        _no_unknown(obj, set(cls.__dataclass_fields__), "spec")
+        image = obj.get("image")
+        return cls(
+            mode=_string(obj.get("mode"), "mode"),
+            argv=_strings(obj.get("argv", []), "argv"),
+            env=_env(obj.get("env", []), "env"),
+            workdir=_optional(obj.get("workdir"), "workdir", _string),
+            user=_optional(obj.get("user"), "user", _string),
+            interactive=_bool(obj.get("interactive", False), "interactive"),
+            tty=_bool(obj.get("tty", False), "tty"),
+            rows=_int(obj.get("rows", 24), "rows", 1, MAX_TERMINAL),
+            cols=_int(obj.get("cols", 80), "cols", 1, MAX_TERMINAL),
+            image=None if image is None else ImageSource.from_json(image),
+            privileged=_bool(obj.get("privileged", False), "privileged"),
+            health_check=_optional(obj.get("health_check"), "health_check", _string),
+            health_timeout=_number(obj.get("health_timeout", 60.0), "health_timeout", 0, 86400),
+            proxy_env=_env(obj.get("proxy_env", []), "proxy_env"),
+        )

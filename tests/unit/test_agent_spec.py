@@ -1,0 +1,144 @@
+"""ProcessSpec: one type for host and agent, validated at both ends.
+
+The agent side runs for real over a socketpair (as in test_agent_protocol.py): a
+malformed spec sent on a process channel is answered with an error event (125) and
+the agent keeps serving; the exec relay refuses one from a client before the VM sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fcvm.agent.main import Agent
+from fcvm.agent.procs import Reaper
+from fcvm.agent.spec import ImageSource, ProcessSpec, SpecError
+from fcvm.relay import start_relay
+from fcvm.remote import BufferStdio, run_remote
+from fcvm.session import Session
+from tests.unit.aio import arun, session_pair
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+
+def container(**kw: Any) -> ProcessSpec:
+    return ProcessSpec(mode="container", image=ImageSource(ref="ab", store="/dev/vdb"), **kw)
+
+
+def test_round_trip() -> None:
+    specs = [
+        ProcessSpec(mode="vm", argv=("sh", "-c", "echo hi"), env=(("A", "1"),), workdir="/tmp"),
+        ProcessSpec(mode="exec", argv=("top",), tty=True, rows=50, cols=132, user="1000"),
+        container(argv=("httpd",), privileged=True, health_check="http://localhost/",
+                  health_timeout=5.5, proxy_env=(("http_proxy", "http://10.0.2.2:3128"),)),
+        ProcessSpec(mode="container", image=ImageSource(pull="quay.io/a/b:1")),
+    ]  # fmt: skip
+    for spec in specs:
+        assert ProcessSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ("not an object", "spec must be a JSON object"),
+        ({"mode": "bogus", "argv": ["x"]}, "mode must be one of"),
+        ({"mode": "vm"}, "argv must not be empty"),
+        ({"mode": "vm", "argv": "ls"}, "argv must be a list"),
+        ({"mode": "vm", "argv": ["ls", 3]}, "argv[1] must be a string"),
+        ({"mode": "vm", "argv": ["a\0b"]}, "contains NUL"),
+        ({"mode": "vm", "argv": ["ls"], "env": [["A"]]}, "env[0] must be a [KEY, VALUE] pair"),
+        ({"mode": "vm", "argv": ["ls"], "env": [["A=B", "c"]]}, "contains '='"),
+        ({"mode": "vm", "argv": ["ls"], "rows": 0}, "rows must be a whole number"),
+        ({"mode": "vm", "argv": ["ls"], "tty": "yes"}, "tty must be true or false"),
+        ({"mode": "vm", "argv": ["ls"], "user": "nobody"}, "user applies to the container"),
+        ({"mode": "vm", "argv": ["ls"], "surprise": 1}, "unknown field 'surprise'"),
+        ({"mode": "container"}, "container mode needs an image"),
+        ({"mode": "container", "image": {"ref": "x"}}, "needs store, device or pull"),
+        ({"mode": "container", "image": {"pull": "r", "store": "/dev/vdb"}}, "pull excludes"),
+        ({"mode": "container", "image": {"store": "/dev/vdb"}}, "needs the image ID"),
+        ({"mode": "container", "image": {"device": "/dev/vdb"}, "health_timeout": -1},
+         "health_timeout must be above 0"),
+        ({"mode": "exec", "argv": ["ls"], "privileged": True}, "are for container mode"),
+    ],
+)  # fmt: skip
+def test_malformed_specs_are_refused_with_the_field_named(data: Any, reason: str) -> None:
+    with pytest.raises(SpecError) as info:
+        ProcessSpec.from_json(data)
+    assert reason in str(info.value)
+
+
+def test_the_host_cannot_build_a_malformed_spec_either() -> None:
+    with pytest.raises(SpecError, match="argv must not be empty"):
+        ProcessSpec(mode="exec")
+    with pytest.raises(SpecError, match="rows"):
+        ProcessSpec(mode="vm", argv=("ls",), rows=-3)
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+        st.sampled_from(["mode", "argv", "env", "image", "rows", "tty", "x"]), kids, max_size=5),
+    max_leaves=12,
+))  # fmt: skip
+def test_any_json_is_a_spec_or_a_spec_error(data: Any) -> None:
+    try:
+        spec = ProcessSpec.from_json(data)
+    except SpecError:
+        return
+    assert ProcessSpec.from_json(spec.to_json()) == spec
+
+
+def _serve_agent(agent: Session) -> asyncio.Task[None]:
+    return asyncio.create_task(Agent(agent, Reaper(asyncio.get_running_loop())).serve())
+
+
+async def _raw_proc(session: Session, spec: Any) -> dict[str, Any]:
+    out = await session.open_channel({"kind": "stdio", "fd": 1})
+    proc = await session.open_channel({"kind": "proc", "spec": spec, "stdio": {"1": out.id}})
+    event: dict[str, Any] = await proc.recv_json()
+    return event
+
+
+def test_the_agent_refuses_a_malformed_spec_and_keeps_serving() -> None:
+    async def main() -> None:
+        host, agent = await session_pair()
+        serve = _serve_agent(agent)
+        event = await _raw_proc(host, {"mode": "vm", "argv": [1, 2]})
+        assert event["event"] == "error" and event["code"] == 125
+        assert "malformed process spec: argv[0] must be a string" in event["message"]
+        stdio = BufferStdio()
+        assert await run_remote(host, ProcessSpec(mode="vm", argv=("echo", "ok")), stdio) == 0
+        assert bytes(stdio.stdout) == b"ok\n"
+        await host.close()
+        await asyncio.wait_for(serve, 5)
+        await agent.close()
+
+    arun(main())
+
+
+def test_the_relay_refuses_a_malformed_spec_before_the_vm_sees_it(tmp_path: Any) -> None:
+    async def main() -> None:
+        host, agent = await session_pair()
+        serve = _serve_agent(agent)
+        sock = tmp_path / "exec.sock"
+        relay = await start_relay(sock, host)
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        client = Session(reader, writer, role="host")
+        await client.start(5)
+        event = await _raw_proc(client, {"mode": "exec", "argv": []})
+        assert (event["event"], event["code"]) == ("error", 125)
+        assert "argv must not be empty" in event["message"]
+        # ... and the same client's next, good, request goes through.
+        spec = ProcessSpec(mode="vm", argv=("sh", "-c", "exit 3"))
+        assert await run_remote(client, spec, BufferStdio()) == 3
+        await client.close()
+        relay.close()
+        await host.close()
+        await asyncio.wait_for(serve, 5)
+        await agent.close()
+
+    arun(main())
