@@ -47,6 +47,7 @@ class RunPlan:
     privileged: bool = False
     health_check: str | None = None
     health_timeout: float = 60.0
+    stop_timeout: float = 10.0  # after a forwarded signal, seconds until the VM is stopped
     snapshot: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -1,7 +1,13 @@
-"""Host side of the process protocol (fcvm.agent.protocol): run one process in the
-guest with local file descriptors wired to its stdio, and return its exit code.
+"""Host side of the process protocol (fcvm.agent.protocol): one process in the guest.
 
-Used by `fcvm podman run` (the container itself) and `fcvm exec`.
+`RemoteProcess.start(session, spec, stdio)` opens the stdio channels and the process
+channel; `wait()` returns the exit code once every byte of output has been handed
+to `stdio`; `signal()` and `resize()` reach the running process. `run_remote()` is
+the whole thing for a terminal: raw mode and window-size following included.
+
+Where the process's stdin/stdout/stderr go on this side is a `Stdio`: `LocalStdio`
+(file descriptors, i.e. fcvm's own terminal or pipes) or `BufferStdio` (bytes in,
+bytes out, for the Python API).
 """
 
 from __future__ import annotations
@@ -10,17 +16,22 @@ import asyncio
 import contextlib
 import os
 import signal
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fcvm import log
 from fcvm.agent import protocol as p
+from fcvm.agent.spec import ProcessSpec
 from fcvm.errors import FcvmError, GuestError
 from fcvm.session import Channel, Session, fdio
 from fcvm.terminal import raw_mode, window_size
 
 logger = log.get("remote")
+
+EventHandler = Callable[[dict[str, Any]], None]
+OUTPUT_DRAIN_SECONDS = 5.0
 
 
 class SessionLost(GuestError):
@@ -35,15 +46,48 @@ class RemoteProcessError(FcvmError):
         self.exit_code = code
 
 
-@dataclass
-class LocalStdio:
-    stdout: int = 1
-    stderr: int = 2
-    stdin: int | None = None  # None: the process gets /dev/null
+class Stdio(ABC):
+    """Where a remote process's stdio goes on this side."""
+
     tty: bool = False  # one channel both ways; stderr merges into stdout
+
+    @property
+    @abstractmethod
+    def has_input(self) -> bool:
+        """Whether the process gets a stdin stream (else /dev/null)."""
 
     def terminal_fd(self) -> int | None:
         """The local terminal to put in raw mode and follow the size of, if any."""
+        return None
+
+    def size(self) -> tuple[int, int] | None:
+        """(rows, cols) of the local terminal, when there is one."""
+        fd = self.terminal_fd()
+        return window_size(fd) if fd is not None else None
+
+    @abstractmethod
+    async def copy_out(self, fd: int, channel: Channel) -> None:
+        """Everything the process writes to fd (1, or 2) until EOF."""
+
+    @abstractmethod
+    async def copy_in(self, channel: Channel) -> None:
+        """Feed the process's stdin, then EOF."""
+
+
+@dataclass
+class LocalStdio(Stdio):
+    """fcvm's own file descriptors (its terminal, pipes, files)."""
+
+    stdout: int = 1
+    stderr: int = 2
+    stdin: int | None = None  # None: the process gets /dev/null
+    tty: bool = False
+
+    @property
+    def has_input(self) -> bool:
+        return self.stdin is not None
+
+    def terminal_fd(self) -> int | None:
         if not self.tty:
             return None
         for fd in (self.stdin, self.stdout):
@@ -51,51 +95,160 @@ class LocalStdio:
                 return fd
         return None
 
-    def tty_spec(self) -> dict[str, Any]:
-        """tty/rows/cols for a process spec: the real size of our terminal."""
-        from fcvm.terminal import window_size
+    async def copy_out(self, fd: int, channel: Channel) -> None:
+        await fdio.pump_channel_to_fd(channel, self.stdout if fd == 1 else self.stderr)
 
-        if not self.tty:
-            return {"tty": False}
-        fd = self.terminal_fd()
-        rows, cols = (window_size(fd) if fd is not None else None) or (24, 80)
-        return {"tty": True, "rows": rows, "cols": cols}
+    async def copy_in(self, channel: Channel) -> None:
+        assert self.stdin is not None
+        await fdio.pump_fd_to_channel(self.stdin, channel)
+
+
+@dataclass
+class BufferStdio(Stdio):
+    """Bytes in (optional), bytes out: what the Python API's exec and run capture."""
+
+    input: bytes | None = None
+    tty: bool = False
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+
+    @property
+    def has_input(self) -> bool:
+        return self.input is not None
+
+    async def copy_out(self, fd: int, channel: Channel) -> None:
+        sink = self.stdout if fd == 1 else self.stderr
+        while data := await channel.read():
+            sink += data
+
+    async def copy_in(self, channel: Channel) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            if self.input:
+                await channel.write(self.input)
+            await channel.write_eof()
+
+
+class RemoteProcess:
+    """A process running in the guest: its channels, its events, its exit code."""
+
+    def __init__(
+        self, proc: Channel, channels: dict[int, Channel], stdio: Stdio,
+        on_event: EventHandler | None,
+    ) -> None:  # fmt: skip
+        self.channel = proc
+        self._channels = channels
+        self._stdio = stdio
+        self._on_event = on_event
+        self.pid: int | None = None  # the agent's pid for it, once started
+        self.exit_code: int | None = None
+        outs = [(1, channels[0] if stdio.tty else channels[1])]
+        if not stdio.tty:
+            outs.append((2, channels[2]))
+        self._outputs = [asyncio.create_task(stdio.copy_out(fd, ch)) for fd, ch in outs]
+        self._inputs = []
+        if stdio.has_input:
+            self._inputs.append(asyncio.create_task(stdio.copy_in(channels[0])))
+
+    @classmethod
+    async def start(
+        cls, session: Session, spec: ProcessSpec, stdio: Stdio, *,
+        on_event: EventHandler | None = None,
+    ) -> RemoteProcess:  # fmt: skip
+        """Open the stdio channels and the process channel: the agent starts it."""
+        if spec.tty != stdio.tty or spec.interactive != stdio.has_input:
+            spec = replace(spec, tty=stdio.tty, interactive=stdio.has_input)
+        size = stdio.size() if stdio.tty else None
+        if size is not None:  # else the spec's own (24x80 unless asked otherwise)
+            spec = replace(spec, rows=size[0], cols=size[1])
+        channels: dict[int, Channel] = {}
+        wanted = [0] if stdio.tty else [*([0] if stdio.has_input else []), 1, 2]
+        for fd in wanted:
+            channels[fd] = await session.open_channel({"kind": p.KIND_STDIO, "fd": fd})
+        proc = await session.open_channel(
+            {
+                "kind": p.KIND_PROC,
+                "spec": spec.to_json(),
+                "stdio": {str(fd): ch.id for fd, ch in channels.items()},
+            }
+        )
+        return cls(proc, channels, stdio, on_event)
+
+    async def wait(self) -> int:
+        """The exit code, after all output before it has reached stdio.
+
+        RemoteProcessError if the guest could not run it (125/126/127), SessionLost if
+        the channel ended without an exit code."""
+        if self.exit_code is not None:
+            return self.exit_code
+        try:
+            while True:
+                event = await self.channel.recv_json()
+                if event is None:
+                    raise SessionLost(
+                        "the guest agent closed the process channel without an exit code"
+                    )
+                if not isinstance(event, dict):
+                    continue
+                kind = event.get("event")
+                if kind == p.EV_STARTED and isinstance(event.get("pid"), int):
+                    self.pid = event["pid"]
+                if self._on_event is not None:
+                    self._on_event(event)
+                if kind == p.EV_EXIT:
+                    code = int(event["code"])
+                    break
+                if kind == p.EV_ERROR:
+                    raise RemoteProcessError(
+                        str(event.get("message")), int(event.get("code", 125))
+                    )
+            # Frames arrive in order, so the output before the exit event is already
+            # here; the pumps only have buffered data left to hand over.
+            await asyncio.wait(self._outputs, timeout=OUTPUT_DRAIN_SECONDS)
+            self.exit_code = code
+            return code
+        finally:
+            await self.close()
+
+    async def signal(self, signum: int) -> None:
+        """Send signal signum to the process (its process group in the guest)."""
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.channel.send_json({"op": p.OP_SIGNAL, "signal": int(signum)})
+
+    async def resize(self, rows: int, cols: int) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.channel.send_json({"op": p.OP_RESIZE, "rows": rows, "cols": cols})
+
+    async def close(self) -> None:
+        """Stop relaying and close the channels (the agent then kills a process that is
+        still running: nothing outlives the one who started it)."""
+        for task in (*self._outputs, *self._inputs):
+            task.cancel()
+        for ch in (*self._channels.values(), self.channel):
+            with contextlib.suppress(Exception):
+                await ch.close()
 
 
 async def run_remote(
     session: Session,
-    spec: dict[str, Any],
-    stdio: LocalStdio,
+    spec: ProcessSpec,
+    stdio: Stdio,
     *,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
-    on_proc_channel: Callable[[Channel], None] | None = None,
+    on_event: EventHandler | None = None,
+    on_start: Callable[[RemoteProcess], None] | None = None,
 ) -> int:
-    """Run spec in the guest; returns its exit code (RemoteProcessError if it cannot run)."""
-    channels: dict[int, Channel] = {}
-    if stdio.tty:
-        channels[0] = await session.open_channel({"kind": p.KIND_STDIO, "fd": 0})
-    else:
-        if stdio.stdin is not None:
-            channels[0] = await session.open_channel({"kind": p.KIND_STDIO, "fd": 0})
-        channels[1] = await session.open_channel({"kind": p.KIND_STDIO, "fd": 1})
-        channels[2] = await session.open_channel({"kind": p.KIND_STDIO, "fd": 2})
-    proc = await session.open_channel(
-        {
-            "kind": p.KIND_PROC,
-            "spec": spec,
-            "stdio": {str(fd): ch.id for fd, ch in channels.items()},
-        }
-    )
-    if on_proc_channel is not None:
-        on_proc_channel(proc)
-    raw_fd = stdio.terminal_fd() if stdio.stdin is not None else None
+    """Run spec in the guest with stdio; returns its exit code (RemoteProcessError if it
+    cannot run). A local terminal goes raw for the duration and its size is followed."""
+    proc = await RemoteProcess.start(session, spec, stdio, on_event=on_event)
+    if on_start is not None:
+        on_start(proc)
+    raw_fd = stdio.terminal_fd() if stdio.has_input else None
     with raw_mode(raw_fd), _follow_window_size(stdio, proc):
-        return await _attach(proc, channels, stdio, on_event)
+        return await proc.wait()
 
 
 @contextlib.contextmanager
-def _follow_window_size(stdio: LocalStdio, proc: Channel) -> Iterator[None]:
-    """Forward SIGWINCH as resize requests (the seed tool never did)."""
+def _follow_window_size(stdio: Stdio, proc: RemoteProcess) -> Iterator[None]:
+    """Forward SIGWINCH as resize requests."""
     fd = stdio.terminal_fd()
     if fd is None:
         yield
@@ -106,8 +259,7 @@ def _follow_window_size(stdio: LocalStdio, proc: Channel) -> Iterator[None]:
     def on_winch() -> None:
         size = window_size(fd)
         if size is not None:
-            msg = {"op": p.OP_RESIZE, "rows": size[0], "cols": size[1]}
-            task = asyncio.ensure_future(proc.send_json(msg))
+            task = asyncio.ensure_future(proc.resize(*size))
             pending.add(task)
             task.add_done_callback(pending.discard)
 
@@ -116,43 +268,3 @@ def _follow_window_size(stdio: LocalStdio, proc: Channel) -> Iterator[None]:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGWINCH)
-
-
-async def _attach(
-    proc: Channel,
-    channels: dict[int, Channel],
-    stdio: LocalStdio,
-    on_event: Callable[[dict[str, Any]], None] | None,
-) -> int:
-    outputs = []
-    if stdio.tty:
-        outputs.append(asyncio.create_task(fdio.pump_channel_to_fd(channels[0], stdio.stdout)))
-    else:
-        outputs.append(asyncio.create_task(fdio.pump_channel_to_fd(channels[1], stdio.stdout)))
-        outputs.append(asyncio.create_task(fdio.pump_channel_to_fd(channels[2], stdio.stderr)))
-    inputs = []
-    if stdio.stdin is not None:
-        inputs.append(asyncio.create_task(fdio.pump_fd_to_channel(stdio.stdin, channels[0])))
-    try:
-        while True:
-            event = await proc.recv_json()
-            if event is None:
-                raise SessionLost("the guest agent closed the process channel without an exit code")
-            kind = event.get("event")
-            if on_event is not None:
-                on_event(event)
-            if kind == p.EV_EXIT:
-                code = int(event["code"])
-                break
-            if kind == p.EV_ERROR:
-                raise RemoteProcessError(str(event.get("message")), int(event.get("code", 125)))
-        # Frames arrive in order, so the output before the exit event is already
-        # here; the pumps only have buffered data left to write.
-        await asyncio.wait(outputs, timeout=5.0)
-        return code
-    finally:
-        for task in (*outputs, *inputs):
-            task.cancel()
-        for ch in (*channels.values(), proc):
-            with contextlib.suppress(Exception):
-                await ch.close()

@@ -18,6 +18,7 @@ import pytest
 
 from fcvm.agent.main import Agent
 from fcvm.agent.procs import Reaper
+from fcvm.agent.spec import ProcessSpec
 from fcvm.remote import LocalStdio, RemoteProcessError, run_remote
 from fcvm.session import Session
 
@@ -70,8 +71,8 @@ class Capture:
         return b"".join(self._chunks)
 
 
-def vm_spec(*argv: str, **extra: Any) -> dict[str, Any]:
-    return {"mode": "vm", "argv": list(argv), **extra}
+def vm_spec(*argv: str, **extra: Any) -> ProcessSpec:
+    return ProcessSpec(mode="vm", argv=argv, **extra)
 
 
 def test_stdout_stderr_and_exit_code_are_kept_apart() -> None:
@@ -180,12 +181,11 @@ def test_resize_reaches_the_terminal() -> None:
         procs: list[Any] = []
         spec = vm_spec("sh", "-c", "sleep 0.5; stty size", tty=True, rows=24, cols=80)
         task = asyncio.create_task(
-            run_remote(host, spec, LocalStdio(stdout=out.w, tty=True),
-                       on_proc_channel=procs.append)
-        )  # fmt: skip
+            run_remote(host, spec, LocalStdio(stdout=out.w, tty=True), on_start=procs.append)
+        )
         while not procs:
             await asyncio.sleep(0.01)
-        await procs[0].send_json({"op": "resize", "rows": 50, "cols": 132})
+        await procs[0].resize(50, 132)
         return await task
 
     assert run(body) == 0

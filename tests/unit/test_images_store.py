@@ -194,32 +194,31 @@ def test_resolve_attaches_store_and_archive(
     assert seen == [(images.archive_store_key(archive), archive, f"oci-archive:{archive}")]
 
 
-def test_guest_spec_and_drives_with_a_store(tmp_path: Path) -> None:
-    from fcvm.runner import Run
+def test_image_source_names_the_drives_it_attached(tmp_path: Path) -> None:
+    """The guest is told where the image is by drive name -> device, from the one place
+    that assigns devices (MachineSpec.device), whatever other drives come first."""
+    from fcvm.agent.spec import ImageSource
+    from fcvm.container import ARCHIVE_DRIVE, IMAGES_DRIVE, image_source
+    from fcvm.machine import DriveSpec, MachineSpec
+    from fcvm.vmm.select import Choice
 
-    class Stdio:
-        def tty_spec(self) -> dict[str, Any]:
-            return {"tty": False}
+    def spec(*drives: str) -> MachineSpec:
+        return MachineSpec(name="t", backend=Choice("qemu", "tcg", "test"), kernel=tmp_path,
+                           initrd=tmp_path, rootfs=tmp_path,
+                           drives=tuple(DriveSpec(d, tmp_path / d) for d in drives))  # fmt: skip
 
-    class Plan:
-        command = ("true",)
-        env = ()
-        interactive = False
-        privileged = False
-        health_check = None
-        health_timeout = 60.0
-
-    run: Any = Run.__new__(Run)
-    run.plan, run.stdio, run.proxy_env = Plan(), Stdio(), {}
     store = images.ImageStore(tmp_path / "s.ext4", "ab" * 32)
     with_store = images.GuestImage(archive=tmp_path / "a.tar", ref="", store=store)
-    assert run._container_spec(with_store)["image"] == {
-        "store": "/dev/vdb", "ref": "ab" * 32, "device": "/dev/vdc",
-    }  # fmt: skip
+    assert image_source(spec(IMAGES_DRIVE, ARCHIVE_DRIVE), with_store) == ImageSource(
+        ref="ab" * 32, store="/dev/vdb", device="/dev/vdc"
+    )
+    assert image_source(spec("storage", IMAGES_DRIVE, ARCHIVE_DRIVE), with_store) == ImageSource(
+        ref="ab" * 32, store="/dev/vdc", device="/dev/vdd"
+    )
     without = images.GuestImage(archive=tmp_path / "a.tar", ref="")
-    assert run._container_spec(without)["image"] == {"device": "/dev/vdb", "ref": ""}
+    assert image_source(spec(ARCHIVE_DRIVE), without) == ImageSource(device="/dev/vdb")
     pull = images.GuestImage(archive=None, ref="quay.io/x/y", pull="quay.io/x/y")
-    assert run._container_spec(pull)["image"] == {"pull": "quay.io/x/y"}
+    assert image_source(spec(), pull) == ImageSource(pull="quay.io/x/y")
 
 
 # --- a real build -------------------------------------------------------------------
@@ -379,7 +378,10 @@ def _prepare(
         phases.append((name, detail) if detail else name)
 
     async def go() -> str:
-        return await agent.prepare_image({"image": image}, None, phase)  # type: ignore[arg-type]
+        from fcvm.agent.spec import ImageSource
+
+        source = ImageSource.from_json(image)
+        return await agent.prepare_image(source, None, phase)  # type: ignore[arg-type]
 
     try:
         result: str | Exception = asyncio.run(go())

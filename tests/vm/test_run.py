@@ -62,14 +62,21 @@ def _start(name: str, image: str, *cmd: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def _wait_running(name: str, timeout: float = 120) -> dict[str, object]:
+def _wait_running(name: str, timeout: float = 120, *, healthy: bool = False
+                  ) -> dict[str, object]:  # fmt: skip
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for rec in json.loads(fcvm("ls", "--json", check=True).stdout):
-            if rec["name"] == name and rec["status"] == "running":
+            ready = rec["status"] == "running" and (not healthy or rec["health"] == "healthy")
+            if rec["name"] == name and ready:
                 return rec  # type: ignore[no-any-return]
         time.sleep(0.3)
     raise AssertionError(f"{name} never reached running")
+
+
+def _wait_healthy(name: str) -> dict[str, object]:
+    """Until the container runs (a signal before that stops the VM instead)."""
+    return _wait_running(name, healthy=True)
 
 
 def test_two_vms_at_once_and_ls_json(test_image: str) -> None:
@@ -97,18 +104,59 @@ def test_two_vms_at_once_and_ls_json(test_image: str) -> None:
     assert "t-two-a" not in names and "t-two-b" not in names
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_to_fcvm_stops_everything(test_image: str, sig: int, code: int) -> None:
-    name = f"t-sig{sig}"
-    p = _start(name, test_image, "sleep", "600")
+def test_sigterm_is_forwarded_and_the_container_decides(test_image: str) -> None:
+    """podman's --sig-proxy: a container that traps SIGTERM and exits 7 makes fcvm exit 7,
+    and nothing but the container's own output is printed."""
+    script = 'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 0.1; done'
+    p = _start("t-sigfwd", test_image, "sh", "-c", script)
     try:
-        _wait_running(name)
-        p.send_signal(sig)
-        p.wait(timeout=30)
+        _wait_healthy("t-sigfwd")
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == code
+    assert (p.returncode, out, err) == (7, "ready\ngot TERM\n", "")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_second_signal_stops_the_vm(test_image: str, sig: int, code: int) -> None:
+    """`sleep` as the container's PID 1 ignores the forwarded signal; the second one
+    stops the VM at once, quietly."""
+    name = f"t-sig{sig}"
+    p = _start(name, test_image, "sleep", "600")
+    try:
+        _wait_healthy(name)
+        p.send_signal(sig)
+        time.sleep(0.5)
+        assert p.poll() is None  # forwarded, ignored: still running
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (p.returncode, err) == (code, "")
+
+
+def test_a_container_that_ignores_the_signal_is_stopped_after_stop_timeout(
+    test_image: str,
+) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", "t-stoptimeout",
+         "--stop-timeout", "1", test_image, "--", "sleep", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_healthy("t-stoptimeout")
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (p.returncode, err) == (143, "")
+    assert waited >= 1.0
 
 
 def test_killed_vmm_ends_the_run(test_image: str) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from fcvm.agent.spec import ProcessSpec
     from fcvm.remote import LocalStdio
-
-CONNECT_TIMEOUT = 5.0
+    from fcvm.state import VmRecord
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,8 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def cmd_exec(args: argparse.Namespace) -> int:
     import asyncio
 
-    from fcvm import paths, state
+    from fcvm import state
     from fcvm.agent import protocol as p
+    from fcvm.agent.spec import ProcessSpec
     from fcvm.errors import StateError, UsageError
     from fcvm.plan import parse_env
     from fcvm.remote import LocalStdio
@@ -58,34 +58,25 @@ def cmd_exec(args: argparse.Namespace) -> int:
         )
     if not args.vm and not rec.health:
         raise StateError(f"the container of VM {rec.name!r} is still starting")
+    spec = ProcessSpec(
+        mode=p.MODE_VM if args.vm else p.MODE_EXEC,
+        argv=tuple(command),
+        env=parse_env(args.env),
+        workdir=args.workdir,
+        user=args.user,
+    )
     stdio = LocalStdio(stdin=0 if args.interactive else None, tty=args.tty)
-    spec = {
-        "mode": p.MODE_VM if args.vm else p.MODE_EXEC,
-        "argv": command,
-        "env": [list(kv) for kv in parse_env(args.env)],
-        "workdir": args.workdir,
-        "user": args.user,
-        "interactive": args.interactive,
-        **stdio.tty_spec(),
-    }
-    return asyncio.run(_exec(paths.exec_socket(rec.vm_id), spec, stdio, rec.name))
+    return asyncio.run(_exec(rec, spec, stdio))
 
 
-async def _exec(sock: Path, spec: dict[str, Any], stdio: LocalStdio, name: str) -> int:
+async def _exec(rec: VmRecord, spec: ProcessSpec, stdio: LocalStdio) -> int:
     import asyncio
     import signal
 
-    from fcvm.errors import GuestError
+    from fcvm.machine.client import connect
     from fcvm.remote import run_remote
-    from fcvm.session import Session
-    from fcvm.session.transport import connect_unix
 
-    try:
-        reader, writer = await connect_unix(str(sock), CONNECT_TIMEOUT)
-        session = Session(reader, writer, role="host")
-        await session.start(timeout=CONNECT_TIMEOUT)
-    except (TimeoutError, OSError, ConnectionError) as exc:
-        raise GuestError(f"cannot reach VM {name!r} (it may be stopping): {exc}") from None
+    session = await connect(rec)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None

@@ -40,11 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     run.add_argument("--cpu", default="1", metavar="N", help="vCPUs (default 1)")
     run.add_argument("--mem", default="1024", metavar="MiB", help="memory in MiB (default 1024)")
     run.add_argument("--cmd", metavar="'CMD ARGS'", help="command as one shell-quoted string")
+    from fcvm.vmm.registry import names as backends
+
     run.add_argument(
         "--vmm",
-        choices=("auto", "firecracker", "qemu"),
+        choices=("auto", *backends()),
         default=None,
-        help="VMM backend (default: $FCVM_VMM or auto: Firecracker when usable)",
+        help="VMM backend (default: $FCVM_VMM or auto: the first of "
+        f"{', '.join(backends())} that can run here)",
     )
     run.add_argument(
         "--network",
@@ -85,6 +88,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="give up on the health check after this long (default 60)",
     )
     run.add_argument(
+        "--stop-timeout",
+        default="10",
+        metavar="SECONDS",
+        help="after forwarding a stop signal to the container, stop the VM if the "
+        "container has not ended within this long (default 10)",
+    )
+    run.add_argument(
         "--setup",
         action="store_true",
         help="build the guest assets first if they are missing (fcvm setup)",
@@ -105,12 +115,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
     import os
 
     from fcvm import plan as p
+    from fcvm.container import ContainerRun
     from fcvm.net import parse_publish
     from fcvm.remote import LocalStdio
-    from fcvm.runner import Run
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -130,6 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tty=args.tty,
         health_check=p.parse_health_check(args.health_check),
         health_timeout=p.parse_seconds("--health-timeout", args.health_timeout),
+        stop_timeout=p.parse_seconds("--stop-timeout", args.stop_timeout),
     )
     if args.setup:
         from fcvm.assets import setup
@@ -137,4 +149,4 @@ def cmd_run(args: argparse.Namespace) -> int:
         setup()
     sys.stdout.flush()
     stdio = LocalStdio(stdin=0 if args.interactive else None, tty=args.tty)
-    return Run(plan, stdio).execute()
+    return asyncio.run(ContainerRun(plan, stdio, forward_signals=True).run())

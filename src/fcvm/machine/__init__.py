@@ -1,0 +1,9 @@
+"""The machine layer: one VM and everything it holds (see machine.py), described by a
+MachineSpec (spec.py). Every command that runs a VM, and the Python API, use it."""
+
+from __future__ import annotations
+
+from fcvm.machine.machine import Machine, Parts, Phase, held_record
+from fcvm.machine.spec import DriveSpec, MachineSpec
+
+__all__ = ["DriveSpec", "Machine", "MachineSpec", "Parts", "Phase", "held_record"]

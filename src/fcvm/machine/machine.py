@@ -1,0 +1,360 @@
+"""Machine: one live VM and everything it holds, as one async context manager.
+
+    async with Machine(spec) as m:              # record, network, VMM, agent session,
+        code = await m.supervise(work(m))       # control socket - undone in reverse
+
+What a Machine owns, in the order it makes them (each registers its undo the moment
+it exists, so any failure, Ctrl-C or bug unwinds exactly what was made):
+
+    record           the VM's state record (name checked unique under the lock)
+    network          namespaces, TAP, slirp4netns or veth + NAT, leases
+    VMM              the VMM process, launched by the spec's backend (it dies with us)
+    agent session    the one session with the guest agent
+    control socket   where `fcvm exec` and other clients reach the VM (relay.py)
+
+If fcvm itself is killed -9, the VMM dies with it (PR_SET_PDEATHSIG), the network
+helpers at EOF of pipes only we held, and the next fcvm command reaps the rest from
+the record (state.reap_stale runs the reapers registered here).
+
+How each piece is made is `Parts`: the real functions by default, fakes in tests.
+A Machine is started from the thread that runs its event loop, and that thread must
+outlive the VM: the VMM's parent-death signal follows the thread that forked it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from fcvm import log, paths, state
+from fcvm.errors import GuestError, ProtocolError, StateError
+from fcvm.machine.spec import MachineSpec
+from fcvm.net.publish import PortForward
+from fcvm.session import Session, SessionClosed
+from fcvm.timings import Timings
+from fcvm.vmm.base import VmConfig, Vmm
+from fcvm.vmm.select import Choice
+
+logger = log.get("machine")
+
+T = TypeVar("T")
+
+BOOT_TIMEOUT = float(os.environ.get("FCVM_BOOT_TIMEOUT", "90"))
+VMM_POLL_SECONDS = 0.05
+# Failures that may just be the VMM dying under us (supervise() then says so).
+_LOST = (SessionClosed, ConnectionError, BrokenPipeError)
+
+
+class NetworkLike(Protocol):
+    """What a Machine needs of a network (fcvm.net.NetHandle)."""
+
+    netns_exec: tuple[str, ...]
+    host_ip: str
+    guest_ip: str
+    forwards: list[PortForward]
+
+    def record(self) -> dict[str, Any]: ...
+    def guest_cmdline(self) -> list[str]: ...
+    def vmm_net(self) -> Any: ...
+    def proxy_env(self) -> dict[str, str]: ...
+    def teardown(self) -> None: ...
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class Records(Protocol):
+    """Where VM records live (fcvm.state)."""
+
+    def create(self, record: state.VmRecord) -> object: ...
+    def update(self, record: state.VmRecord, **changes: Any) -> None: ...
+    def add_reaper(self, record: state.VmRecord, reaper: state.Reaper) -> None: ...
+    def remove(self, vm_id: str) -> None: ...
+
+
+def _setup_network(
+    vm_id: str, mode: str, publish: list[PortForward], workdir: Path
+) -> NetworkLike:
+    from fcvm.net import setup_network
+
+    return setup_network(vm_id, mode, publish, workdir=workdir)
+
+
+def _reap_network() -> state.Reaper:
+    from fcvm.net import reap_record
+
+    return reap_record
+
+
+async def open_agent_session(vmm: Vmm, timeout: float) -> Session:
+    """Connect to the guest agent and complete the session handshake."""
+    session: Session | None = None
+    try:
+        reader, writer = await vmm.open_agent_stream(timeout=timeout)
+        session = Session(reader, writer, role="host")
+        await session.start(timeout=timeout)
+    except BaseException as exc:
+        if session is not None:  # e.g. cancelled while waiting for HELLO: close it quietly
+            await asyncio.shield(session.close())
+        if isinstance(exc, TimeoutError | ProtocolError | ConnectionError):
+            raise _no_session(vmm, exc, timeout) from None
+        raise
+    return session
+
+
+def _no_session(vmm: Vmm, exc: BaseException, timeout: float) -> GuestError:
+    if isinstance(exc, TimeoutError):
+        return GuestError(
+            f"the guest agent did not answer within {timeout:.0f}s",
+            hint=vmm.failure_detail() or None,
+        )
+    return GuestError(f"no session with the guest agent: {exc}", hint=vmm.failure_detail() or None)
+
+
+async def _start_control(path: Path, session: Session) -> Closable:
+    from fcvm.relay import start_relay
+
+    return await start_relay(path, session)
+
+
+def _make_vmm(choice: Choice, config: VmConfig) -> Vmm:
+    from fcvm.vmm.select import instantiate
+
+    return instantiate(choice, config)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """How a Machine makes each thing it owns. Defaults are the real ones."""
+
+    records: Records = field(default_factory=lambda: state)
+    setup_network: Callable[[str, str, list[PortForward], Path], NetworkLike] = _setup_network
+    network_reaper: Callable[[], state.Reaper] = _reap_network
+    make_vmm: Callable[[Choice, VmConfig], Vmm] = _make_vmm
+    open_session: Callable[[Vmm, float], Awaitable[Session]] = open_agent_session
+    start_control: Callable[[Path, Session], Awaitable[Closable]] = _start_control
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Machine:
+    """One VM, booted from a MachineSpec; see the module docstring."""
+
+    def __init__(
+        self, spec: MachineSpec, *, parts: Parts | None = None, timings: Timings | None = None
+    ) -> None:
+        self.spec = spec
+        self.parts = parts or Parts()
+        self.timings = timings or Timings()
+        self.vm_id = state.new_vm_id()
+        self.workdir = paths.vm_dir(self.vm_id)
+        self.record = state.VmRecord(
+            vm_id=self.vm_id,
+            name=spec.name,
+            image=spec.image,
+            cpus=spec.vcpus,
+            mem_mib=spec.mem_mib,
+            extra=dict(spec.labels),
+        )
+        self.phase = Phase.NEW
+        self.net: NetworkLike | None = None
+        self.vmm: Vmm | None = None
+        self._session: Session | None = None
+        self._undo = contextlib.AsyncExitStack()
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.spec.name} ({self.vm_id}) {self.phase.value}>"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Machine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Make everything, in order; on any failure undo what was made and re-raise."""
+        if self.phase is not Phase.NEW:
+            raise StateError(f"{self!r} cannot start again")
+        self.phase = Phase.STARTING
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.phase = Phase.RUNNING
+
+    async def stop(self) -> None:
+        """Undo everything in reverse order. Idempotent; never raises for a cleanup.
+
+        A cancellation that arrives meanwhile (a second Ctrl-C) waits until the undo is
+        complete: half a teardown would leave things behind."""
+        if self.phase is Phase.STOPPED:
+            return
+        self.phase = Phase.STOPPED
+        undo = asyncio.ensure_future(self._undo.aclose())
+        try:
+            await _settled(undo)
+        finally:
+            undo.result()
+
+    async def _start(self) -> None:
+        spec, parts, undo = self.spec, self.parts, self._undo
+        records = parts.records
+        records.create(self.record)
+        undo.callback(_quietly, "remove the record", records.remove, self.vm_id)
+        if spec.network is not None:
+            net = parts.setup_network(self.vm_id, spec.network, list(spec.publish), self.workdir)
+            self.net = net
+            undo.callback(_quietly, "tear down the network", net.teardown)
+            records.update(self.record, network=net.record())
+            records.add_reaper(self.record, parts.network_reaper())
+            self.timings.mark("network-ready")
+        vmm = parts.make_vmm(spec.backend, self.vmm_config())
+        self.vmm = vmm
+        undo.callback(_quietly, "stop the VMM", vmm.stop)  # runs before the network's undo
+        vmm.start()
+        records.update(self.record, vmm=vmm.name, vmm_pid=vmm.pid, status="booting")
+        self.timings.mark("vmm-started")
+        session = await self.supervise(parts.open_session(vmm, BOOT_TIMEOUT))
+        self._session = session
+        undo.push_async_callback(_quietly_async, "close the session", session.close)
+        self.timings.mark("agent-ready")
+        control = await parts.start_control(paths.exec_socket(self.vm_id), session)
+        undo.callback(_quietly, "close the control socket", control.close)
+        records.update(self.record, status="running")
+
+    def vmm_config(self) -> VmConfig:
+        spec, net = self.spec, self.net
+        return VmConfig(
+            vm_id=self.vm_id,
+            workdir=self.workdir,
+            kernel=spec.kernel,
+            initrd=spec.initrd,
+            vcpus=spec.vcpus,
+            mem_mib=spec.mem_mib,
+            drives=spec.vmm_drives(),
+            cmdline_extra=(
+                f"fcvm.hostname={spec.name}",
+                *(net.guest_cmdline() if net else ()),
+                *spec.cmdline_extra,
+            ),
+            console_log=self.workdir / "console.log",
+            net=net.vmm_net() if net else None,
+            netns_exec=net.netns_exec if net else (),
+        )
+
+    # -- while running -----------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        if self._session is None or self.phase is not Phase.RUNNING:
+            raise StateError(f"{self!r} is not running")
+        return self._session
+
+    def update_record(self, **changes: Any) -> None:
+        """Change the VM's record (status, health, ...) as `fcvm ls` shows it."""
+        if self.phase in (Phase.STARTING, Phase.RUNNING):
+            self.parts.records.update(self.record, **changes)
+
+    def proxy_env(self) -> dict[str, str]:
+        return self.net.proxy_env() if self.net else {}
+
+    def failure(self) -> GuestError | None:
+        """A GuestError saying how the VMM ended, if it has."""
+        vmm = self.vmm
+        code = vmm.poll() if vmm is not None else None
+        if vmm is None or code is None:
+            return None
+        return GuestError(
+            f"the VM stopped unexpectedly ({vmm.name} exited with {code})",
+            hint=vmm.failure_detail() or None,
+        )
+
+    async def supervise(self, work: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
+        """Await work while watching the VMM. If the VMM ends first, work is cancelled and
+        GuestError says why; a lost session that turns out to be a dead VMM is reported
+        as the dead VMM (it is the cause)."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(self._watch_vmm())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                exc = task.exception()
+                if isinstance(exc, (*_LOST, GuestError)):
+                    await asyncio.wait({watch}, timeout=0.5)  # a dying VMM: say that
+                    if watch.done():
+                        watch.result()
+                return task.result()
+            watch.result()  # raises the VMM's failure
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            for t in (task, watch):
+                t.cancel()
+            # Let them finish unwinding before anyone tears down what they use (a
+            # session half-opened when the VMM is killed would complain of it).
+            await _settled(task, watch)
+
+    async def _watch_vmm(self) -> None:
+        while True:
+            failure = self.failure()
+            if failure is not None:
+                raise failure
+            await asyncio.sleep(VMM_POLL_SECONDS)
+
+
+@contextlib.contextmanager
+def held_record(record: state.VmRecord, *reapers: state.Reaper) -> Iterator[state.VmRecord]:
+    """A record of this process for the duration (name unique among live ones, reapers
+    registered for a killed owner), removed at the end: how things that are not VMs but
+    must be listed and reaped like them (a page server) are registered."""
+    state.create(record)
+    try:
+        for reaper in reapers:
+            state.add_reaper(record, reaper)
+        yield record
+    finally:
+        state.remove(record.vm_id)
+
+
+async def _settled(*tasks: asyncio.Future[Any]) -> None:
+    """Wait until tasks are done, even through a cancellation of the waiter (re-raised)."""
+    cancelled = False
+    while not all(t.done() for t in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            cancelled = True
+    for t in tasks:  # retrieved, so the loop does not report them
+        if not t.cancelled():
+            t.exception()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # an undo must never stop the others
+        logger.warning("could not %s: %s", what, exc)
+
+
+async def _quietly_async(what: str, fn: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await fn()
+    except Exception as exc:
+        logger.warning("could not %s: %s", what, exc)
