@@ -39,8 +39,39 @@ def test_malformed_flags(flags: list[str], needle: str, empty_base: dict[str, st
 
 def test_invalid_name(empty_base: dict[str, str]) -> None:
     proc = fcvm("podman", "run", "--name", "-x/y", "busybox", env=empty_base)
-    assert proc.returncode in (2, 125)  # argparse rejects a leading dash itself
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 125  # argparse rejects a leading dash itself: still 125
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = fcvm("podman", "run", "--name", "x/y", "busybox", env=empty_base)
+    assert proc.returncode == 125 and "invalid name" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["podman", "run", "--name", "x", "--network", "weird", "img"], "invalid choice: 'weird'"),
+        (["podman", "run", "--name", "x", "--vmm", "xen", "img"], "invalid choice: 'xen'"),
+        (["ls", "--pid", "abc"], "invalid int value: 'abc'"),
+        (["no-such-command"], "invalid choice: 'no-such-command'"),
+        (["podman"], "required: COMMAND"),
+        (["podman", "run", "img"], "required: --name"),
+        (["exec", "--name", "x"], "no command given"),
+        (["exec", "--name", "x", "--pid", "1", "--", "true"], "not allowed with argument"),
+        (["snapshot", "serve"], "required: NAME"),
+        (["setup", "--bogus"], "unrecognized arguments: --bogus"),
+        (["podman", "run", "--name", "x", "--stop-timeout", "soon", "img"],
+         "malformed --stop-timeout"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_and_exit_125(
+    argv: list[str], needle: str, empty_base: dict[str, str]
+) -> None:
+    """podman's convention (argparse's own would print the usage and exit 2)."""
+    proc = fcvm(*argv, env=empty_base)
+    assert proc.returncode == 125, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcvm: "), proc.stderr
+    assert needle in lines[0]
+    assert proc.stdout == ""
 
 
 def test_assets_not_set_up_says_to_run_setup(empty_base: dict[str, str]) -> None:

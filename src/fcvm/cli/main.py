@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from fcvm import __version__
 
@@ -20,8 +21,18 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with podman's convention for bad usage: one line, exit 125 (argparse's own
+    is the usage text and exit 2). Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        from fcvm.errors import UsageError
+
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fcvm",
         description="Run Podman containers inside microVMs: one VM per container, "
         "Firecracker or QEMU underneath.",
@@ -49,14 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 0
     from fcvm.errors import FcvmError
 
     try:
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+        if func is None:
+            parser.print_help()
+            return 0
         return int(func(args) or 0)
     except FcvmError as exc:
         print(f"fcvm: {exc.line()}", file=sys.stderr)
