@@ -13,7 +13,6 @@ vmm/registry.py lists the modules; nothing else names them.
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING, Literal
 from fcvm.errors import VmmUnavailable
 
 if TYPE_CHECKING:
+    import asyncio
+
     from fcvm.vmm.kvm import KvmStatus
 
 Accel = Literal["kvm", "tcg"]

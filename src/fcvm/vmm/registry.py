@@ -9,9 +9,12 @@ imported only when a backend is chosen, so `fcvm --help` stays fast.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from fcvm import errors
-from fcvm.vmm.base import Backend
+
+if TYPE_CHECKING:  # (names() must stay cheap: the CLI's parser lists them)
+    from fcvm.vmm.base import Backend
 
 BACKENDS: tuple[tuple[str, str], ...] = (
     ("firecracker", "fcvm.vmm.firecracker"),  # production: KVM, snapshots, uffd clones
@@ -30,6 +33,8 @@ def load(name: str) -> Backend:
         raise errors.UsageError(
             f"unknown VMM {name!r} (expected one of: auto, {', '.join(names())})"
         )
+    from fcvm.vmm.base import Backend
+
     try:
         backend = importlib.import_module(module_name).BACKEND
     except (ImportError, AttributeError) as exc:
