@@ -25,6 +25,7 @@ from fcvm.session import (
     encode,
     read_frame,
 )
+from fcvm.session.control import RequestFailed
 from tests.unit.aio import arun, session_pair, stream_pair
 
 pytestmark = pytest.mark.unit
@@ -43,12 +44,13 @@ async def raw_peer(
     """A host Session whose peer is a raw stream the test writes bytes onto."""
     (hr, hw), (pr, pw) = await stream_pair()
     host = Session(hr, hw, role="host", window=window)
-    pw.write(hello("agent"))
-    peer_hello = await host.start(5)
-    assert peer_hello == {"version": 1, "role": "agent"}
-    frame = await read_frame(pr)  # the host's HELLO
+    started = asyncio.create_task(host.start(5))
+    frame = await read_frame(pr)  # the host's HELLO comes first
     assert frame is not None and frame.type is FrameType.HELLO
-    assert json.loads(frame.payload) == {"version": 1, "role": "host", "window": window}
+    sent = json.loads(frame.payload)
+    assert sent == {"version": 1, "role": "host", "window": window, "session": host.session_id}
+    pw.write(hello("agent", session=host.session_id))  # the agent echoes the session id
+    assert await started == {"version": 1, "role": "agent", "session": host.session_id}
     return host, pr, pw
 
 
@@ -112,8 +114,12 @@ def test_read_frame_errors(raw: bytes, message: str) -> None:
 def test_handshake_returns_peer_hello() -> None:
     async def go() -> None:
         host, agent = await session_pair(agent_window=512 * 1024)
-        assert host.peer_hello == {"version": 1, "role": "agent", "window": 512 * 1024}
-        assert agent.peer_hello == {"version": 1, "role": "host", "window": DEFAULT_WINDOW}
+        sid = host.session_id
+        assert len(sid) == 16 and agent.session_id == sid
+        assert host.peer_hello == {"version": 1, "role": "agent", "window": 512 * 1024,
+                                   "session": sid}  # fmt: skip
+        assert agent.peer_hello == {"version": 1, "role": "host", "window": DEFAULT_WINDOW,
+                                    "session": sid}  # fmt: skip
         assert not host.closed and host.close_reason is None
         assert host.control.id == 0
         await both_closed(host, agent)
@@ -122,20 +128,45 @@ def test_handshake_returns_peer_hello() -> None:
 
 
 @pytest.mark.timeout(10)
-def test_control_json_both_ways() -> None:
+def test_control_requests_both_ways() -> None:
     async def go() -> None:
         host, agent = await session_pair()
-        await host.control.send_json({"op": "run", "argv": ["echo", "hi"], "n": 1})
-        await agent.control.send_json({"event": "started", "pid": 42})
-        await agent.control.send_json([1, 2, 3])
-        assert await agent.control.recv_json() == {"op": "run", "argv": ["echo", "hi"], "n": 1}
-        assert await host.control.recv_json() == {"event": "started", "pid": 42}
-        assert await host.control.recv_json() == [1, 2, 3]
+        seen: list[tuple[str, Any]] = []
+
+        async def agent_side(op: str, msg: dict[str, Any]) -> dict[str, Any]:
+            seen.append((op, msg.get("n")))
+            if op == "fail":
+                raise RequestFailed("no such thing")
+            if op == "slow":
+                await asyncio.sleep(0.1)
+            return {"doubled": 2 * msg.get("n", 0)}
+
+        async def host_side(op: str, msg: dict[str, Any]) -> dict[str, Any]:
+            return {"ok": op}
+
+        agent.requests.serve(agent_side)
+        host.requests.serve(host_side)
+        slow = asyncio.create_task(host.requests.call("slow", n=1))
+        assert (await host.requests.call("double", n=21))["doubled"] == 42
+        assert (await slow)["doubled"] == 2  # replies need not come in order
+        with pytest.raises(RequestFailed, match="no such thing"):
+            await host.requests.call("fail")
+        assert (await agent.requests.call("ping"))["ok"] == "ping"  # the agent asks too
         with pytest.raises(ValueError):
-            await host.control.send_json("x" * MAX_PAYLOAD)
-        await agent.control.write_eof()
-        assert await host.control.recv_json() is None
-        assert host.control.at_eof
+            await host.requests.call("big", blob="x" * MAX_PAYLOAD)
+        await both_closed(host, agent)
+        with pytest.raises(SessionClosed):
+            await host.requests.call("after-close")
+
+    arun(go())
+
+
+@pytest.mark.timeout(10)
+def test_a_request_without_a_handler_is_refused_not_dropped() -> None:
+    async def go() -> None:
+        host, agent = await session_pair()
+        with pytest.raises(RequestFailed, match="unknown control op 'what'"):
+            await host.requests.call("what", timeout=5)
         await both_closed(host, agent)
 
     arun(go())
@@ -226,8 +257,9 @@ def test_channel_open_accept_data_eof_close(opener: str) -> None:
             await ch.write(b"x")
         await ch.close()  # no CLOSE is sent back, nothing breaks
         # The session itself is unharmed.
-        await a.control.send_json("ping")
-        assert await b.control.recv_json() == "ping"
+        other = await a.open_channel({"after": "close"})
+        await other.send_json("ping")
+        assert await (await b.accept()).recv_json() == "ping"
         assert not host.closed and not agent.closed
         await both_closed(host, agent)
 
@@ -351,7 +383,9 @@ def test_session_close_wakes_everybody() -> None:
         peer = await agent.accept()
         await peer.write(b"pending")
         await asyncio.sleep(0.05)
-        blocked_read = asyncio.create_task(agent.control.recv_json())
+        await host.open_channel({})
+        idle_peer = await agent.accept()
+        blocked_read = asyncio.create_task(idle_peer.recv_json())
         blocked_accept = asyncio.create_task(agent.accept())
         await asyncio.sleep(0.01)
 
@@ -506,8 +540,9 @@ def test_in_flight_frames_for_closed_channels_are_ignored() -> None:
             pw.write(encode(Frame(FrameType.CREDIT, cid, struct.pack("!I", 10))))
             pw.write(encode(Frame(FrameType.EOF, cid)))
             pw.write(encode(Frame(FrameType.CLOSE, cid)))
-        pw.write(_data(0, b'"still alive"'))
-        assert await host.control.recv_json() == "still alive"
+        pw.write(encode(Frame(FrameType.OPEN, 4, b"{}")))
+        pw.write(_data(4, b'"still alive"'))
+        assert await (await host.accept()).recv_json() == "still alive"
         assert not host.closed
         frames: list[Frame] = []
         while len(frames) < 3:
@@ -539,5 +574,126 @@ def test_peer_disconnect_mid_frame_and_mid_write() -> None:
         with pytest.raises(SessionClosed):
             await asyncio.wait_for(writer, 5)
         await host.close()
+
+    arun(go())
+
+
+# -- quiescing and takeover (snapshots) ---------------------------------------------
+
+
+async def _relayed_pair() -> tuple[Session, Session, Any]:
+    """A host and an agent with a byte relay between them whose host side can be
+    swapped for a new connection: what restoring a VM from a snapshot does (the
+    guest's transport stays, a new host connects)."""
+    (hr, hw), (r1, w1) = await stream_pair()
+    (r2, w2), (ar, aw) = await stream_pair()
+
+    class Relay:
+        def __init__(self) -> None:
+            self.host_side = (r1, w1)
+            self.tasks = [asyncio.create_task(self.up()), asyncio.create_task(self.down())]
+
+        async def up(self) -> None:  # host -> agent
+            while True:
+                data = await self.host_side[0].read(65536)
+                if data:
+                    w2.write(data)
+
+        async def down(self) -> None:  # agent -> host
+            while data := await r2.read(65536):
+                self.host_side[1].write(data)
+
+        async def reconnect(self) -> tuple[Any, Any]:
+            """Drop the old host connection; return the new host's end."""
+            (nr, nw), (mr, mw) = await stream_pair()
+            self.host_side = (mr, mw)
+            self.tasks[0].cancel()  # it was reading the old connection
+            self.tasks[0] = asyncio.create_task(self.up())
+            return nr, nw
+
+        def stop(self) -> None:
+            for t in self.tasks:
+                t.cancel()
+            w2.close()
+
+    relay = Relay()
+    host = Session(hr, hw, role="host")
+    agent = Session(ar, aw, role="agent")
+    await asyncio.gather(host.start(5), agent.start(5))
+    return host, agent, relay
+
+
+@pytest.mark.timeout(10)
+def test_quiesce_holds_both_ends_until_resume() -> None:
+    async def go() -> None:
+        host, agent, relay = await _relayed_pair()
+        ch = await host.open_channel({})
+        peer = await agent.accept()
+        await host.quiesce()
+        assert host.held and agent.held
+        await ch.write(b"from host ")  # held: does not reach the agent
+        await peer.write(b"from agent")
+        await asyncio.sleep(0.1)
+        assert peer._buffered == 0 and ch._buffered == 0
+        await host.resume()
+        assert await peer.readexactly(10) == b"from host "
+        assert await ch.readexactly(10) == b"from agent"
+        assert not host.held and not agent.held
+        relay.stop()
+        await both_closed(host, agent)
+
+    arun(go())
+
+
+@pytest.mark.timeout(10)
+def test_a_new_host_takes_over_a_quiesced_agent_session() -> None:
+    async def go() -> None:
+        old_host, old_agent, relay = await _relayed_pair()
+        ch = await old_host.open_channel({"old": True})
+        old_peer = await old_agent.accept()
+        await old_host.quiesce()
+        await old_peer.write(b"held, never delivered")  # in the snapshot's buffers
+        # "Restore": the guest side is the same; a new host connects and says HELLO.
+        nr, nw = await relay.reconnect()
+        new_host = Session(nr, nw, role="host")
+        starting = asyncio.create_task(new_host.start(5))
+        await asyncio.wait_for(old_agent.wait_closed(), 5)
+        assert old_agent.close_reason == "replaced by a new host session"
+        hello = old_agent.takeover_hello
+        assert hello is not None and hello["session"] == new_host.session_id
+        new_agent = Session(old_agent._reader, old_agent._writer, role="agent", peer_hello=hello)
+        await new_agent.start(5)
+        await starting
+        assert new_agent.session_id == new_host.session_id != old_host.session_id
+        # The new session works; nothing of the old one leaks into it.
+        fresh = await new_host.open_channel({"new": True})
+        got = await new_agent.accept()
+        assert got.meta == {"new": True}
+        await fresh.write(b"hi")
+        assert await got.readexactly(2) == b"hi"
+        await got.write(b"back")
+        assert await fresh.readexactly(4) == b"back"
+        with pytest.raises(SessionClosed):
+            await old_peer.write(b"x")
+        relay.stop()
+        await ch.close()
+        await both_closed(new_host, new_agent, old_host)
+
+    arun(go())
+
+
+@pytest.mark.timeout(10)
+def test_an_agent_answering_another_session_is_refused() -> None:
+    """What a stale agent (one that did not take the new HELLO) would look like."""
+
+    async def go() -> None:
+        (hr, hw), (pr, pw) = await stream_pair()
+        host = Session(hr, hw, role="host")
+        starting = asyncio.create_task(host.start(5))
+        await read_frame(pr)
+        pw.write(hello("agent", session="0123456789abcdef"))
+        with pytest.raises(ProtocolError, match="a stale session"):
+            await starting
+        pw.close()
 
     arun(go())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import socket
 import struct
 from collections.abc import Iterator
@@ -49,7 +50,9 @@ def no_unhandled_loop_errors() -> Iterator[None]:
     assert not errors, errors
 
 
-AGENT_HELLO = encode(Frame(FrameType.HELLO, 0, b'{"version":1,"role":"agent"}'))
+def agent_hello(session_id: str) -> bytes:
+    body = json.dumps({"version": 1, "role": "agent", "session": session_id}).encode()
+    return encode(Frame(FrameType.HELLO, 0, body))
 
 
 @pytest.mark.timeout(120)
@@ -91,16 +94,14 @@ async def fuzz_session(stream: bytes) -> Session:
     _unused, writer = await asyncio.open_connection(sock=a)
     reader = asyncio.StreamReader()
     host = Session(reader, writer, role="host", window=2 * MAX_PAYLOAD)
-    reader.feed_data(AGENT_HELLO)
+    reader.feed_data(agent_hello(host.session_id))
     await host.start(5)
     mine = await host.open_channel({"mine": True})  # id 1: the peer may talk on it
 
     async def drain(ch: Channel) -> None:
         while True:
             try:
-                if ch.id == 0:
-                    await ch.recv_json()
-                elif not await ch.read(1000):
+                if not await ch.read(1000):
                     break
             except ProtocolError:  # a bad JSON message is the application's problem
                 continue
@@ -108,7 +109,8 @@ async def fuzz_session(stream: bytes) -> Session:
                 break
 
     async def app() -> None:
-        tasks = [asyncio.create_task(drain(host.control)), asyncio.create_task(drain(mine))]
+        # (channel 0 is the session's own: its control port reads it)
+        tasks = [asyncio.create_task(drain(mine))]
         try:
             while True:
                 tasks.append(asyncio.create_task(drain(await host.accept())))
@@ -245,8 +247,10 @@ def test_json_helpers_roundtrip_unicode() -> None:
     async def go() -> None:
         host, agent = await session_pair()
         msg = {"ünï": "cødé ✓", "n": [1, 2.5, None, True]}
-        await host.control.send_json(msg)
-        assert await agent.control.recv_json() == msg
+        ch = await host.open_channel({"k": "ü"})
+        await ch.send_json(msg)
+        peer = await agent.accept()
+        assert peer.meta == {"k": "ü"} and await peer.recv_json() == msg
         await host.close()
         await agent.close()
 

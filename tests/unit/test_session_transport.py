@@ -12,6 +12,7 @@ import random
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,8 +57,11 @@ async def exchange(host: Session, agent: Session, size: int) -> None:
     )
     assert hashlib.sha256(got_out).digest() == hashlib.sha256(out).digest()
     assert hashlib.sha256(got_back).digest() == hashlib.sha256(back).digest()
-    await host.control.send_json({"done": True})
-    assert await agent.control.recv_json() == {"done": True}
+    async def answer(op: str, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"echo": msg["n"]}
+
+    agent.requests.serve(answer)
+    assert (await host.requests.call("done", n=7))["echo"] == 7
 
 
 # -- Unix sockets ----------------------------------------------------------------------

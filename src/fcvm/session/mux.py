@@ -6,9 +6,20 @@ Rules beyond the wire format (see DESIGN.md, "Session protocol"); per-channel fl
 control is channel.py's:
 
 * The first frame each side sends is HELLO on channel 0:
-  ``{"version": 1, "role": "host"|"agent", "window": <bytes>}``. ``window`` is the
-  receive window the sender grants on every channel (optional; default 256 KiB; at
-  least ``2 * MAX_PAYLOAD``).
+  ``{"version": 1, "role": "host"|"agent", "window": <bytes>, "session": <id>}``.
+  ``window`` is the receive window the sender grants on every channel (optional;
+  default 256 KiB; at least ``2 * MAX_PAYLOAD``). The host speaks first and names a
+  fresh random session id; the agent answers after reading it and echoes the id, and
+  the host refuses any other answer: a session restored from a snapshot can never be
+  mistaken for the new one.
+* Channel 0 carries control messages (control.py): requests ``{"op", "id", ...}``
+  and replies ``{"reply": id, ...}``. Its frames are never held (below).
+* Quiescing, for snapshots: the host holds back its own frames, asks ``quiesce``; the
+  agent replies and from then on holds its frames too. Both ends are then silent at a
+  frame boundary, so a snapshot of the guest holds no half-sent frame either way.
+  ``resume`` releases both. A HELLO that reaches a quiesced agent is a new host (a VM
+  restored from that snapshot): the old session ends without closing the transport,
+  and a new one starts on it (`takeover_hello`).
 * Channel ids are allocated in increasing order: the host uses 1, 3, 5, ..., the
   agent 2, 4, 6, .... An OPEN whose id is not above every id the peer opened before
   is a duplicate (or reuse) and a protocol error. Because ids only grow, "an id the
@@ -25,10 +36,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any, Literal
 
 from fcvm.errors import ProtocolError
 from fcvm.session.channel import Channel, SessionClosed
+from fcvm.session.control import ControlPort
 from fcvm.session.frame import (
     CREDIT,
     MAX_CHANNEL,
@@ -66,6 +79,7 @@ class Session:
         *,
         role: Role,
         window: int = DEFAULT_WINDOW,
+        peer_hello: dict[str, Any] | None = None,
     ) -> None:
         if role not in ("host", "agent"):
             raise ValueError(f"role must be 'host' or 'agent', not {role!r}")
@@ -79,6 +93,13 @@ class Session:
         self._peer_window = DEFAULT_WINDOW
         self._peer_hello: dict[str, Any] | None = None
         self._hello_done = asyncio.Event()
+        # A HELLO already read by the session this one replaces (agent side, takeover).
+        self._given_hello = peer_hello
+        self.session_id = os.urandom(8).hex() if role == "host" else ""
+        # Set when a new host's HELLO ended this (quiesced) session: start the next
+        # Session on the same transport with it.
+        self.takeover_hello: dict[str, Any] | None = None
+        self._held: list[bytes] | None = None  # frames kept back while quiesced
         self._closed = False
         self._closed_event = asyncio.Event()
         self.close_reason: str | None = None
@@ -93,6 +114,7 @@ class Session:
         self._accept_queue: asyncio.Queue[Channel | None] = asyncio.Queue()
         self.control = Channel(self, 0, {"name": "control"})
         self._channels[0] = self.control
+        self.requests = ControlPort(self)
 
     def __repr__(self) -> str:
         state = f"closed: {self.close_reason}" if self._closed else "open"
@@ -109,7 +131,7 @@ class Session:
         return self._peer_hello
 
     async def start(self, timeout: float | None = None) -> dict[str, Any]:
-        """Send HELLO, start reading, return the peer's HELLO.
+        """Exchange HELLOs (the host first), start reading, return the peer's HELLO.
 
         ProtocolError if the peer's HELLO is bad or the session ends first;
         TimeoutError (the session is then closed) if it does not come in time.
@@ -119,14 +141,23 @@ class Session:
         self._started = True
         if self._closed:
             raise SessionClosed(self.close_reason or "session closed")
-        hello = {"version": PROTOCOL_VERSION, "role": self.role, "window": self._window}
-        self._send_nowait(Frame(FrameType.HELLO, 0, encode_json(hello)))
+        if self.role == "host":
+            self._send_hello()
+        elif self._given_hello is not None:  # taking over a quiesced session's transport
+            try:
+                self._accept_hello(self._given_hello)
+            except ProtocolError as e:
+                self._end(f"protocol error: {e}", level=logging.WARNING)
+                raise
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"fcvm-session-{self.role}-reader"
         )
         try:
             await self._drain()
             await asyncio.wait_for(self._hello_done.wait(), timeout)
+            if self._peer_hello is not None and self.role == "agent":
+                self._send_hello()  # echoing the host's session id
+                await self._drain()
         except TimeoutError:
             await self._shutdown("no HELLO from the peer in time")
             raise TimeoutError(f"no HELLO from the {self.peer_role} within {timeout}s") from None
@@ -134,7 +165,44 @@ class Session:
             pass
         if self._peer_hello is None:
             raise ProtocolError(f"session handshake failed: {self.close_reason}")
+        self.requests.start()
         return self._peer_hello
+
+    def _send_hello(self) -> None:
+        hello = {"version": PROTOCOL_VERSION, "role": self.role, "window": self._window,
+                 "session": self.session_id}  # fmt: skip
+        self._send_nowait(Frame(FrameType.HELLO, 0, encode_json(hello)))
+
+    # -- quiescing (snapshots) ----------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def hold(self) -> None:
+        """Keep every frame except control messages back until release()."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Send what hold() kept back, in order, and stop holding."""
+        held, self._held = self._held, None
+        if held and not self._closed:
+            self._writer.write(b"".join(held))
+
+    async def quiesce(self, timeout: float = 10.0) -> None:
+        """Host: make both ends silent at a frame boundary (before a snapshot)."""
+        self.hold()
+        try:
+            await self.requests.call("quiesce", timeout=timeout)
+        except BaseException:
+            self.release()
+            raise
+
+    async def resume(self) -> None:
+        """Host: undo quiesce() on this same session (the snapshotted VM goes on)."""
+        await self.requests.notify("resume")
+        self.release()
 
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
@@ -161,20 +229,25 @@ class Session:
         except (OSError, RuntimeError):
             pass
 
-    def _end(self, reason: str, *, level: int = logging.INFO) -> None:
+    def _end(
+        self, reason: str, *, level: int = logging.INFO, keep_transport: bool = False
+    ) -> None:
         """Mark the session ended (synchronous, idempotent): wake everybody up."""
         if self._closed:
             return
         self._closed = True
         self.close_reason = reason
+        self._held = None  # (a quiesced session that ends drops what it held)
         log.log(level, "session (%s) ended: %s", self.role, reason)
         for ch in list(self._channels.values()):
             ch._wake()
         self._accept_queue.put_nowait(None)
         self._hello_done.set()
         self._closed_event.set()
-        with contextlib.suppress(OSError, RuntimeError):  # transport already gone
-            self._writer.close()
+        self.requests.end(reason)
+        if not keep_transport:
+            with contextlib.suppress(OSError, RuntimeError):  # transport already gone
+                self._writer.close()
 
     # -- channels ------------------------------------------------------------
 
@@ -218,9 +291,13 @@ class Session:
     # -- writing -------------------------------------------------------------
 
     def _send_nowait(self, frame: Frame) -> None:
-        """Queue one whole frame on the transport (one write call: never interleaves)."""
+        """Queue one whole frame on the transport (one write call: never interleaves),
+        or keep it back while the session is held (control frames always go)."""
         if self._closed:
             raise SessionClosed(self.close_reason or "session closed")
+        if self._held is not None and frame.channel != 0:
+            self._held.append(encode(frame))
+            return
         self._writer.write(encode(frame))
 
     async def _drain(self) -> None:
@@ -244,6 +321,17 @@ class Session:
                 frame = await read_frame(self._reader)
                 if frame is None:
                     break
+                if (
+                    frame.type is FrameType.HELLO
+                    and self._peer_hello is not None
+                    and self.role == "agent"
+                    and self._held is not None
+                ):
+                    # A new host on the transport of this quiesced session: the VM was
+                    # restored from a snapshot. Hand the transport and its HELLO over.
+                    self.takeover_hello = decode_json(frame.payload, "bad HELLO")
+                    self._end("replaced by a new host session", keep_transport=True)
+                    return
                 self._dispatch(frame)
         except ProtocolError as e:
             reason, level = f"protocol error: {e}", logging.WARNING
@@ -293,7 +381,9 @@ class Session:
             raise ProtocolError(
                 f"bad HELLO: first frame is {frame.type.name} on channel {frame.channel}"
             )
-        hello = decode_json(frame.payload, "bad HELLO")
+        self._accept_hello(decode_json(frame.payload, "bad HELLO"))
+
+    def _accept_hello(self, hello: Any) -> None:
         if not isinstance(hello, dict):
             raise ProtocolError("bad HELLO: not a JSON object")
         if hello.get("version") != PROTOCOL_VERSION:
@@ -309,6 +399,16 @@ class Session:
             or not MIN_WINDOW <= window <= MAX_WINDOW
         ):
             raise ProtocolError(f"bad HELLO: window {window!r}")
+        session = hello.get("session", "")
+        if not isinstance(session, str) or len(session) > 64:
+            raise ProtocolError("bad HELLO: session id")
+        if self.role == "host" and session != self.session_id:
+            raise ProtocolError(
+                f"the agent answered session {session!r}, not ours ({self.session_id}): "
+                "a stale session"
+            )
+        if self.role == "agent":
+            self.session_id = session
         self._peer_window = window
         self._peer_hello = hello
         for ch in self._channels.values():  # the control channel, so far
