@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fcvm import images, log, state
+from fcvm import imagecache, images, log, state
 from fcvm.agent import protocol as p
-from fcvm.agent.spec import ImageSource, ProcessSpec
-from fcvm.machine import DriveSpec, Machine, MachineSpec
+from fcvm.agent.spec import ContainerSetup, ImageSource, ProcessSpec
+from fcvm.machine import DriveSpec, Machine, MachineSpec, RestoreFailed
 from fcvm.net import parse_publish
 from fcvm.plan import RunPlan
 from fcvm.remote import RemoteProcess, Stdio
+from fcvm.snapshot.layout import KIND_PRESTART, KIND_STARTUP
 from fcvm.timings import Timings
 
 logger = log.get("container")
@@ -45,6 +46,8 @@ ARCHIVE_DRIVE = "image-archive"  # the image as an OCI/docker archive (read-only
 class Resolved:
     machine: MachineSpec
     image: ImageSource
+    config: images.ImageConfig | None
+    keys: imagecache.Keys
 
 
 class _Stopped(Exception):
@@ -80,6 +83,9 @@ class ContainerRun:
         self._stopping = False  # the run was cancelled to stop the VM: ignore more signals
         self._pending: asyncio.Future[None] | None = None
         self._health = asyncio.Event()
+        self._resolved: Resolved | None = None
+        self._startup_pending = False
+        self._startup: asyncio.Future[None] | None = None
 
     # -- plan -> specs -------------------------------------------------------------
 
@@ -113,23 +119,35 @@ class ContainerRun:
             drives=tuple(drives),
             image=plan.image.ref,
         )
+        keys = imagecache.keys_for(plan, machine, guest_image)
         self.timings.mark("image-ready")
-        return Resolved(machine, image_source(machine, guest_image))
+        return Resolved(machine, image_source(machine, guest_image), guest_image.config, keys)
 
-    def container_spec(self, image: ImageSource, proxy_env: dict[str, str]) -> ProcessSpec:
+    def container_setup(self, resolved: Resolved, proxy_env: dict[str, str]) -> ContainerSetup:
+        """What the container is created with (up to its gate)."""
+        config = resolved.config
+        return ContainerSetup(
+            image=resolved.image,
+            privileged=self.plan.privileged,
+            proxy_env=tuple(sorted(proxy_env.items())),  # for a pull in the guest
+            entrypoint=config.entrypoint if config else None,
+            cmd=config.cmd if config else None,
+        )
+
+    def container_spec(self, proxy_env: dict[str, str]) -> ProcessSpec:
+        """The container's process: command, and env on top of the image's. Proxies
+        first (podman passes the host's on to the container), then HOSTNAME (podman
+        sets it), then the run's own --env, which wins."""
         plan = self.plan
+        env = (*sorted(proxy_env.items()), ("HOSTNAME", plan.name), *plan.env)
         return ProcessSpec(
             mode=p.MODE_CONTAINER,
             argv=plan.command,
-            env=plan.env,
+            env=env,
             interactive=plan.interactive,
             tty=plan.tty,
-            image=image,
-            privileged=plan.privileged,
             health_check=plan.health_check,
             health_timeout=plan.health_timeout,
-            # podman passes these on to pulls and to the container
-            proxy_env=tuple(sorted(proxy_env.items())),
         )
 
     # -- running -------------------------------------------------------------------
@@ -161,23 +179,70 @@ class ContainerRun:
     async def _run(self) -> int:
         state.reap_stale()
         resolved = await asyncio.to_thread(self.resolve)
-        async with Machine(resolved.machine, timings=self.timings) as machine:
+        self._resolved = resolved
+        keys = resolved.keys
+        if keys.reason:
+            logger.info("no snapshot cache: %s", keys.reason)
+        entry = await asyncio.to_thread(imagecache.lookup, keys)
+        if entry is not None:
+            try:
+                code = await self._in_machine(Machine(
+                    resolved.machine, restore=imagecache.restore_source(entry),
+                    timings=self.timings), resolved, entry.meta.kind)  # fmt: skip
+                entry.lease.release()
+                return code
+            except RestoreFailed as exc:
+                imagecache.forget(entry, exc.line())
+                self.timings.mark("restore-failed")
+            except BaseException:
+                entry.lease.release()
+                raise
+        return await self._in_machine(
+            Machine(resolved.machine, timings=self.timings), resolved, None
+        )
+
+    async def _in_machine(self, machine: Machine, resolved: Resolved, restored: str | None) -> int:
+        """Boot (restored None) or restore the machine, run the container in it, stop it.
+
+        Booted: the container is prepared, and the first run of a key snapshots it right
+        there (prestart). Restored from a prestart snapshot, the container is started;
+        from a startup snapshot it runs already and is attached to."""
+        async with machine:
             self.machine = machine
             if self.on_machine is not None:
                 self.on_machine(machine)
-            spec = self.container_spec(resolved.image, machine.proxy_env())
+            keys = resolved.keys
+            if restored is None:
+                setup = self.container_setup(resolved, machine.proxy_env())
+                await machine.supervise(self._prepare(machine, setup))
+                if keys.prestart is not None and machine.vmm and machine.vmm.capabilities.snapshot:
+                    await imagecache.write(machine, keys, KIND_PRESTART, self._workload_info())
+            self._startup_pending = keys.startup is not None and restored != KIND_STARTUP
+            spec = self.container_spec(machine.proxy_env())
             code = await machine.supervise(self._container(machine, spec))
         self.timings.mark("vm-stopped")
         return code
 
+    def _workload_info(self) -> dict[str, Any]:
+        plan = self.plan
+        return {"image": plan.image.ref, "command": list(plan.command)}
+
+    def _on_phase(self, event: dict[str, Any]) -> None:
+        if event.get("event") == p.EV_PHASE:
+            self.timings.mark(str(event.get("name")))
+            if event.get("detail"):  # e.g. why the image store was not usable
+                logger.info("%s: %s", event.get("name"), event.get("detail"))
+
+    async def _prepare(self, machine: Machine, setup: ContainerSetup) -> None:
+        from fcvm.remote import prepare_container
+
+        await prepare_container(machine.session, setup, on_event=self._on_phase)
+        self.timings.mark("container-ready")
+
     async def _container(self, machine: Machine, spec: ProcessSpec) -> int:
         def on_event(event: dict[str, Any]) -> None:
             kind = event.get("event")
-            if kind == p.EV_PHASE:
-                self.timings.mark(str(event.get("name")))
-                if event.get("detail"):  # e.g. why the image store was not usable
-                    logger.info("%s: %s", event.get("name"), event.get("detail"))
-            elif kind == p.EV_STARTED:
+            if kind == p.EV_STARTED:
                 self.timings.mark("container-started")
             elif kind == p.EV_HEALTH:
                 status = str(event.get("status"))
@@ -186,6 +251,9 @@ class ContainerRun:
                 self._health.set()
                 if status != "healthy":
                     logger.warning("container unhealthy: %s", event.get("detail"))
+                elif self._startup_pending:
+                    self._startup_pending = False
+                    self._startup = asyncio.ensure_future(self._write_startup(machine))
 
         from fcvm.remote import run_remote
 
@@ -194,11 +262,24 @@ class ContainerRun:
             if self.on_process is not None:
                 self.on_process(proc)
 
-        code = await run_remote(
-            machine.session, spec, self.stdio, on_event=on_event, on_start=started
-        )
+        try:
+            code = await run_remote(
+                machine.session, spec, self.stdio, on_event=on_event, on_start=started
+            )
+        finally:
+            if self._startup is not None and not self._startup.done():
+                self._startup.cancel()
         self.timings.mark("container-exited")
         return code
+
+    async def _write_startup(self, machine: Machine) -> None:
+        """The first healthy run of a startup key snapshots the running service."""
+        assert self._resolved is not None
+        try:
+            await imagecache.write(machine, self._resolved.keys, KIND_STARTUP,
+                                   self._workload_info())  # fmt: skip
+        except Exception as exc:  # the run itself goes on
+            logger.warning("no startup snapshot: %s", exc)
 
     async def wait_healthy(self) -> None:
         """Until the agent has reported the container's health (either way)."""
@@ -237,3 +318,4 @@ def image_source(machine: MachineSpec, guest_image: images.GuestImage) -> ImageS
             ref=guest_image.store.image_id, store=machine.device(IMAGES_DRIVE), device=archive
         )
     return ImageSource(ref=guest_image.ref, device=archive)
+

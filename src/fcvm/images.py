@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fcvm import log, paths
 from fcvm.assets import ext4
@@ -61,11 +62,20 @@ class ImageStore:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """What the image runs by default (podman's rule: entrypoint + (command or cmd))."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GuestImage:
     archive: Path | None  # attached read-only as the image disk, or None to pull
     ref: str  # what to run (the name podman load reports wins when it has one)
     pull: str | None = None
     store: ImageStore | None = None  # preferred over the archive when present
+    config: ImageConfig | None = None  # None: not known here (a pull: the guest asks podman)
 
 
 class StoreBuildError(Exception):
@@ -88,15 +98,51 @@ def _looks_like_registry_ref(ref: str) -> bool:
     return "/" in ref and ("." in first or ":" in first) and first != "localhost"
 
 
-def host_image_id(ref: str) -> str | None:
+def _strings(value: object) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+
+def _config_of(config: object) -> ImageConfig:
+    """An image's Entrypoint and Cmd, from its config (OCI "config" or podman's Config)."""
+    if not isinstance(config, dict):
+        return ImageConfig()
+    return ImageConfig(_strings(config.get("Entrypoint")), _strings(config.get("Cmd")))
+
+
+def host_image(ref: str) -> tuple[str, ImageConfig] | None:
+    """(image ID, config) of ref in the host's podman storage, or None."""
     proc = subprocess.run(
-        [_podman(), "image", "inspect", "--format", "{{.Id}}", ref],
+        [_podman(), "image", "inspect", "--format", "{{.Id}}\t{{json .Config}}", ref],
         capture_output=True,
         text=True,
     )
     if proc.returncode != 0:
         return None
-    return proc.stdout.strip().splitlines()[0]
+    image_id, _, config = proc.stdout.strip().splitlines()[0].partition("\t")
+    try:
+        return image_id, _config_of(json.loads(config))
+    except ValueError:
+        return image_id, ImageConfig()
+
+
+def archive_config(kind: str, path: Path) -> ImageConfig:
+    """The image config in an OCI or docker archive (ImageConfig() if unreadable)."""
+    try:
+        with tarfile.open(path) as tar:
+
+            def member(name: str) -> Any:
+                f = tar.extractfile(name.removeprefix("./"))
+                return json.load(f) if f else None
+
+            if kind == "docker-archive":
+                config = member(member("manifest.json")[0]["Config"])
+            else:
+                index = member("index.json")
+                manifest = member("blobs/" + index["manifests"][0]["digest"].replace(":", "/"))
+                config = member("blobs/" + manifest["config"]["digest"].replace(":", "/"))
+    except (OSError, KeyError, IndexError, TypeError, ValueError, tarfile.TarError):
+        return ImageConfig()
+    return _config_of(config.get("config") if isinstance(config, dict) else None)
 
 
 def export_host_image(ref: str, image_id: str) -> Path:
@@ -368,13 +414,15 @@ def resolve(spec: ImageSpec) -> GuestImage:
         path = Path(spec.ref).resolve()
         _check_archive(spec.kind, path)
         store = image_store(archive_store_key(path), path, f"{spec.kind}:{path}")
-        return GuestImage(archive=path, ref="", store=store)
-    image_id = host_image_id(spec.ref)
-    if image_id is not None:
+        config = archive_config(spec.kind, path)
+        return GuestImage(archive=path, ref="", store=store, config=config)
+    found = host_image(spec.ref)
+    if found is not None:
+        image_id, config = found
         logger.info("image %s is %s in host storage", spec.ref, image_id[:12])
         archive = export_host_image(spec.ref, image_id)
         store = image_store(host_store_key(image_id), archive, spec.ref)
-        return GuestImage(archive=archive, ref="", store=store)
+        return GuestImage(archive=archive, ref="", store=store, config=config)
     if _looks_like_registry_ref(spec.ref):
         return GuestImage(archive=None, ref=spec.ref, pull=spec.ref)
     raise ImageError(

@@ -1,7 +1,6 @@
 """The run plan: every flag of `fcvm podman run`, validated, in one immutable value.
 
-Its canonical JSON, hashed, is the key of the image snapshot cache: two runs with
-the same key can start from the same snapshot.
+(The image cache's keys are built from it and what it resolves to: imagecache.py.)
 """
 
 from __future__ import annotations

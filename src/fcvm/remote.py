@@ -23,7 +23,7 @@ from typing import Any
 
 from fcvm import log
 from fcvm.agent import protocol as p
-from fcvm.agent.spec import ProcessSpec
+from fcvm.agent.spec import ContainerSetup, ProcessSpec
 from fcvm.errors import FcvmError, GuestError
 from fcvm.session import Channel, Session, fdio
 from fcvm.terminal import raw_mode, window_size
@@ -226,6 +226,28 @@ class RemoteProcess:
         for ch in (*self._channels.values(), self.channel):
             with contextlib.suppress(Exception):
                 await ch.close()
+
+
+async def prepare_container(
+    session: Session, setup: ContainerSetup, *, on_event: EventHandler | None = None
+) -> dict[str, Any]:
+    """Have the agent prepare the container up to its gate; its `ready` event.
+    RemoteProcessError (with podman's code) if it cannot."""
+    ch = await session.open_channel({"kind": p.KIND_PREPARE, "setup": setup.to_json()})
+    try:
+        while (event := await ch.recv_json()) is not None:
+            if not isinstance(event, dict):
+                continue
+            if on_event is not None:
+                on_event(event)
+            if event.get("event") == p.EV_READY:
+                return event
+            if event.get("event") == p.EV_ERROR:
+                raise RemoteProcessError(str(event.get("message")), int(event.get("code", 125)))
+        raise SessionLost("the guest agent closed the prepare channel without an answer")
+    finally:
+        with contextlib.suppress(Exception):
+            await ch.close()
 
 
 async def run_remote(

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from fcvm.agent.container import Container
 from fcvm.agent.main import Agent
 from fcvm.agent.procs import Reaper
 from fcvm.agent.spec import ProcessSpec
@@ -32,7 +33,8 @@ async def _pair() -> tuple[Session, Session, asyncio.Task[None]]:
     host = Session(hr, hw, role="host")
     agent = Session(ar, aw, role="agent")
     await asyncio.gather(host.start(timeout=5), agent.start(timeout=5))
-    serve = asyncio.create_task(Agent(agent, Reaper(asyncio.get_running_loop())).serve())
+    reaper = Reaper(asyncio.get_running_loop())
+    serve = asyncio.create_task(Agent(agent, reaper, Container(reaper)).serve())
     return host, agent, serve
 
 

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fcvm.agent.container import Container
 from fcvm.agent.main import Agent
 from fcvm.agent.procs import Reaper
-from fcvm.agent.spec import ImageSource, ProcessSpec, SpecError
+from fcvm.agent.spec import ContainerSetup, ImageSource, ProcessSpec, SpecError, command_line
 from fcvm.relay import start_relay
 from fcvm.remote import BufferStdio, run_remote
 from fcvm.session import Session
@@ -25,20 +26,31 @@ from tests.unit.aio import arun, session_pair
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
-def container(**kw: Any) -> ProcessSpec:
-    return ProcessSpec(mode="container", image=ImageSource(ref="ab", store="/dev/vdb"), **kw)
-
-
 def test_round_trip() -> None:
     specs = [
         ProcessSpec(mode="vm", argv=("sh", "-c", "echo hi"), env=(("A", "1"),), workdir="/tmp"),
         ProcessSpec(mode="exec", argv=("top",), tty=True, rows=50, cols=132, user="1000"),
-        container(argv=("httpd",), privileged=True, health_check="http://localhost/",
-                  health_timeout=5.5, proxy_env=(("http_proxy", "http://10.0.2.2:3128"),)),
-        ProcessSpec(mode="container", image=ImageSource(pull="quay.io/a/b:1")),
+        ProcessSpec(mode="container", argv=("httpd",), health_check="http://localhost/",
+                    health_timeout=5.5, env=(("http_proxy", "http://10.0.2.2:3128"),)),
+        ProcessSpec(mode="container"),  # the image's own command
     ]  # fmt: skip
     for spec in specs:
         assert ProcessSpec.from_json(spec.to_json()) == spec
+    setups = [
+        ContainerSetup(image=ImageSource(ref="ab", store="/dev/vdb", device="/dev/vdc"),
+                       privileged=True, entrypoint=("/init",), cmd=()),
+        ContainerSetup(image=ImageSource(pull="quay.io/a/b:1"),
+                       proxy_env=(("https_proxy", "http://10.0.2.2:3128"),)),
+    ]  # fmt: skip
+    for setup in setups:
+        assert ContainerSetup.from_json(setup.to_json()) == setup
+
+
+def test_podmans_rule_for_the_command_line() -> None:
+    assert command_line(("/ep", "-x"), ("default",), ()) == ("/ep", "-x", "default")
+    assert command_line(("/ep",), ("default",), ("given", "1")) == ("/ep", "given", "1")
+    assert command_line((), ("/bin/sh",), ()) == ("/bin/sh",)
+    assert command_line((), (), ()) == ()
 
 
 @pytest.mark.parametrize(
@@ -56,18 +68,32 @@ def test_round_trip() -> None:
         ({"mode": "vm", "argv": ["ls"], "tty": "yes"}, "tty must be true or false"),
         ({"mode": "vm", "argv": ["ls"], "user": "nobody"}, "user applies to the container"),
         ({"mode": "vm", "argv": ["ls"], "surprise": 1}, "unknown field 'surprise'"),
-        ({"mode": "container"}, "container mode needs an image"),
-        ({"mode": "container", "image": {"ref": "x"}}, "needs store, device or pull"),
-        ({"mode": "container", "image": {"pull": "r", "store": "/dev/vdb"}}, "pull excludes"),
-        ({"mode": "container", "image": {"store": "/dev/vdb"}}, "needs the image ID"),
-        ({"mode": "container", "image": {"device": "/dev/vdb"}, "health_timeout": -1},
-         "health_timeout must be above 0"),
-        ({"mode": "exec", "argv": ["ls"], "privileged": True}, "are for container mode"),
+        ({"mode": "container", "image": {"ref": "x"}}, "unknown field 'image'"),
+        ({"mode": "container", "user": "1000"}, "the container's workdir and user"),
+        ({"mode": "container", "health_timeout": -1}, "health_timeout must be above 0"),
+        ({"mode": "exec", "argv": ["ls"], "health_check": "http://x/"}, "for container mode"),
     ],
 )  # fmt: skip
 def test_malformed_specs_are_refused_with_the_field_named(data: Any, reason: str) -> None:
     with pytest.raises(SpecError) as info:
         ProcessSpec.from_json(data)
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"image": {"ref": "x"}}, "needs store, device or pull"),
+        ({"image": {"pull": "r", "store": "/dev/vdb"}}, "pull excludes"),
+        ({"image": {"store": "/dev/vdb"}}, "needs the image ID"),
+        ({"image": {"device": "/dev/vdb"}, "cmd": "sh"}, "setup.cmd must be a list"),
+        ({"image": {"device": "/dev/vdb"}, "extra": 1}, "unknown field 'extra'"),
+        ({}, "image must be a JSON object"),
+    ],
+)
+def test_malformed_setups_are_refused(data: Any, reason: str) -> None:
+    with pytest.raises(SpecError) as info:
+        ContainerSetup.from_json(data)
     assert reason in str(info.value)
 
 
@@ -93,7 +119,8 @@ def test_any_json_is_a_spec_or_a_spec_error(data: Any) -> None:
 
 
 def _serve_agent(agent: Session) -> asyncio.Task[None]:
-    return asyncio.create_task(Agent(agent, Reaper(asyncio.get_running_loop())).serve())
+    reaper = Reaper(asyncio.get_running_loop())
+    return asyncio.create_task(Agent(agent, reaper, Container(reaper)).serve())
 
 
 async def _raw_proc(session: Session, spec: Any) -> dict[str, Any]:

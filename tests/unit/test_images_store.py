@@ -362,7 +362,7 @@ def _prepare(
 ) -> tuple[str | Exception, list[Any], list[list[str]]]:
     import asyncio
 
-    from fcvm.agent import runner as agent
+    from fcvm.agent import image as agent
 
     monkeypatch.setattr(agent, "mount_store", lambda dev, ref: mount_result)
     commands: list[list[str]] = []
@@ -371,17 +371,17 @@ def _prepare(
         commands.append(argv)
         return 0, "Loaded image: localhost/from-archive:latest"
 
-    monkeypatch.setattr(agent, "_run_quiet", fake_quiet)
+    monkeypatch.setattr(agent, "run_quiet", fake_quiet)
     phases: list[Any] = []
 
-    async def phase(name: str, detail: str = "") -> None:
+    async def phase(name: str, detail: str) -> None:
         phases.append((name, detail) if detail else name)
 
     async def go() -> str:
         from fcvm.agent.spec import ImageSource
 
         source = ImageSource.from_json(image)
-        return await agent.prepare_image(source, None, phase)  # type: ignore[arg-type]
+        return await agent.prepare_image(source, None, phase, {})  # type: ignore[arg-type]
 
     try:
         result: str | Exception = asyncio.run(go())

@@ -150,7 +150,8 @@ def fake_parts(log: Log) -> tuple[Parts, dict[str, Any]]:
         made["vmm"] = FakeVmm(log, config)
         return made["vmm"]
 
-    async def open_session(vmm: Any, timeout: float) -> Any:
+    async def open_session(vmm: Any, timeout: float, resume: bool = False, mark: Any = None
+                           ) -> Any:  # fmt: skip
         await log.make("session")
         return FakeSession(log)
 
@@ -245,7 +246,8 @@ def test_a_second_cancel_does_not_cut_the_teardown_short(tmp_path: Path) -> None
             await slow_close.wait()
             await super().close()
 
-    async def open_session(vmm: Any, timeout: float) -> Any:
+    async def open_session(vmm: Any, timeout: float, resume: bool = False, mark: Any = None
+                           ) -> Any:  # fmt: skip
         return SlowSession(log)
 
     parts = Parts(**{**parts.__dict__, "open_session": open_session})

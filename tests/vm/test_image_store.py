@@ -57,7 +57,7 @@ def test_runs_from_the_store_without_load(
     assert "image-store" in marks and "image-loaded" in marks, marks
     assert "image-load" not in marks and "image-store-unusable" not in marks, marks
     key = (
-        images.host_store_key(images.host_image_id(test_image) or "")
+        images.host_store_key((images.host_image(test_image) or ("", None))[0])
         if kind == "host"
         else images.archive_store_key(private_archives[kind])
     )

@@ -1,17 +1,26 @@
-"""Messages of the process protocol that runs on top of session channels.
+"""Requests and messages between the host and the agent, on top of session channels.
 
-Shared by host and agent (stdlib only). To run something in the guest, the host:
+Shared by host and agent (stdlib only). What the host asks:
 
-1. opens one channel per stdio stream, meta {"kind": "stdio", "fd": 0|1|2}
-   (with a TTY, one channel, fd 0, carries input and output both ways);
-2. opens a process channel, meta {"kind": "proc", "spec": {...}, "stdio": {"0": id, ...}}.
+1. `prepare` the container, once per boot (before a snapshot): a channel with meta
+   {"kind": "prepare", "setup": ContainerSetup}. The agent makes the image available,
+   creates the container with fcvm's gate as its entrypoint (the container runs, held
+   at the gate, user's process not started), and answers phase events, then
+   {"event": "ready", "container": ID, "pid": N} or an error event.
+2. A process: one channel per stdio stream, meta {"kind": "stdio", "fd": 0|1|2} (with a
+   TTY one channel, fd 0, both ways), then a process channel, meta {"kind": "proc",
+   "spec": ProcessSpec, "stdio": {"0": id, ...}}. spec.mode:
+     "container"  the gate execs spec.argv as the container's process; if it already
+                  runs (restored from a startup snapshot) the channels attach to it
+     "exec"       a command inside the container (podman exec)
+     "vm"         a command in the guest OS itself
+3. After restoring a snapshot, the host's HELLO carries "identity" (hostname, clock,
+   entropy, network: what the restored guest must take on; agent/identity.py), which
+   the agent applies before answering, with the outcome in its own HELLO.
+4. Control requests on channel 0 (session/control.py): the session's own
+   "quiesce"/"resume".
 
-The spec's "mode" says what to run:
-  "container"  the main container of the VM (image, command, env, name, ...)
-  "exec"       a command inside the running container
-  "vm"         a command in the guest OS itself
-
-A container spec's "image" is one of:
+An ImageSource (spec.py) is one of:
   {"store": "/dev/vdb", "ref": ID, "device": "/dev/vdc"}
                a prebuilt containers-storage (ext4, read-only): mounted on
                /var/lib/fcvm-image-store (an additionalimagestores entry) and ID run
@@ -23,7 +32,7 @@ A container spec's "image" is one of:
   {"pull": REF}
                `podman pull REF` in the guest
 
-On the process channel the agent sends JSON events, in order:
+On a process channel the agent sends JSON events, in order:
   {"event": "phase", "name": "...", "detail": "..."}
                                                progress, for logs and benchmarks
                                                (image-store, image-store-unusable
@@ -31,8 +40,8 @@ On the process channel the agent sends JSON events, in order:
                                                image-pull, image-loaded); detail optional
   {"event": "started", "pid": N}
   {"event": "health", "status": "healthy"|"unhealthy", "detail": "..."}
-                                               (container mode: once the container
-                                               runs, or once spec.health_check answers)
+                                               (container mode: once its process runs,
+                                               or once spec.health_check answers)
   {"event": "exit", "code": N}                 after all stdio channels reached EOF
   {"event": "error", "message": "...", "code": 125|126|127}
 and the host may send:
@@ -44,12 +53,14 @@ from __future__ import annotations
 
 KIND_STDIO = "stdio"
 KIND_PROC = "proc"
+KIND_PREPARE = "prepare"
 
 MODE_CONTAINER = "container"
 MODE_EXEC = "exec"
 MODE_VM = "vm"
 
 EV_PHASE = "phase"
+EV_READY = "ready"
 EV_STARTED = "started"
 EV_HEALTH = "health"
 EV_EXIT = "exit"
@@ -67,7 +78,9 @@ IMAGE_STORE_DIR = "/var/lib/fcvm-image-store"
 # Name of the main container inside the guest (one container per VM).
 CONTAINER_NAME = "fcvm"
 
-# Touched by an OCI poststart hook in the rootfs (assets/rootfs.py STARTED_HOOK) once the
-# runtime has started the container's process: how the agent knows the container runs
-# without asking podman (a podman process per poll slowed the run it watched).
-CONTAINER_STARTED_FILE = "/run/fcvm-container.started"
+# The gate (assets/data/gate.c): installed in the rootfs at GATE_BINARY; at prepare the
+# agent puts a copy and its socket in GATE_DIR, mounted read-only on GATE_MOUNT in the
+# container (the gate's default socket path is GATE_MOUNT/gate.sock).
+GATE_BINARY = "/usr/lib/fcvm/gate"
+GATE_DIR = "/run/fcvm/gate"
+GATE_MOUNT = "/.fcvm"

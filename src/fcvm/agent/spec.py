@@ -1,13 +1,16 @@
-"""What the host asks the agent to run: `ProcessSpec` (and the container's `ImageSource`).
+"""What the host asks the agent for: `ContainerSetup` (the container, up to its gate)
+and `ProcessSpec` (a process: the container's own, an exec, or a guest command).
 
-One type for both ends (stdlib only: the guest imports it). The host builds a spec,
-`to_json()` puts it in a process channel's metadata, and the agent reads it back with
-`ProcessSpec.from_json()`. Both directions validate every field: a spec that is not
-exactly right is refused with a `SpecError` naming the field, never a traceback, and
-the agent answers it with an `error` event (code 125) instead of running anything.
+One type per request for both ends (stdlib only: the guest imports it). The host
+builds it, `to_json()` puts it in a channel's metadata, and the agent reads it back
+with `from_json()`. Both directions validate every field: anything not exactly right
+is refused with a `SpecError` naming the field, never a traceback, and the agent
+answers it with an `error` event (code 125) instead of running anything.
 
-Modes (see protocol.py): "container" runs the VM's container (image, command, env,
-health); "exec" runs a command in that container; "vm" runs one in the guest OS.
+Modes of a ProcessSpec (see protocol.py): "container" starts the prepared container's
+process (argv is final: the image's entrypoint and command already applied) or, when
+it already runs (a VM restored from a startup snapshot), attaches to it; "exec" runs
+a command in that container; "vm" runs one in the guest OS.
 """
 
 from __future__ import annotations
@@ -152,11 +155,8 @@ class ProcessSpec:
     rows: int = 24
     cols: int = 80
     # container mode only
-    image: ImageSource | None = None
-    privileged: bool = False
     health_check: str | None = None
     health_timeout: float = 60.0
-    proxy_env: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         self.validate()
@@ -169,7 +169,6 @@ class ProcessSpec:
         if self.mode != p.MODE_CONTAINER and not self.argv:
             raise SpecError(f"argv must not be empty in {self.mode} mode")
         _env(self.env, "env")
-        _env(self.proxy_env, "proxy_env")
         _optional(self.workdir, "workdir", _string)
         _optional(self.user, "user", _string)
         if self.user is not None and self.mode == p.MODE_VM:
@@ -178,15 +177,13 @@ class ProcessSpec:
         _bool(self.tty, "tty")
         _int(self.rows, "rows", 1, MAX_TERMINAL)
         _int(self.cols, "cols", 1, MAX_TERMINAL)
-        _bool(self.privileged, "privileged")
         _optional(self.health_check, "health_check", _string)
         _number(self.health_timeout, "health_timeout", 0, 86400)
         if self.mode == p.MODE_CONTAINER:
-            if not isinstance(self.image, ImageSource):
-                raise SpecError("container mode needs an image")
-        elif self.image is not None or self.privileged or self.health_check or self.proxy_env:
-            raise SpecError(f"image, privileged, health_check and proxy_env are for container "
-                            f"mode, not {self.mode}")  # fmt: skip
+            if self.workdir is not None or self.user is not None:
+                raise SpecError("the container's workdir and user are the image's")
+        elif self.health_check is not None:
+            raise SpecError(f"health_check is for container mode, not {self.mode}")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -202,13 +199,7 @@ class ProcessSpec:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.mode == p.MODE_CONTAINER:
-            assert self.image is not None
-            out.update(
-                image=self.image.to_json(),
-                privileged=self.privileged,
-                health_timeout=self.health_timeout,
-                proxy_env=[list(kv) for kv in self.proxy_env],
-            )
+            out["health_timeout"] = self.health_timeout
         return out
 
     @classmethod
@@ -216,7 +207,6 @@ class ProcessSpec:
         """The spec in `data` (a process channel's "spec"), or SpecError."""
         obj = _mapping(data, "spec")
         _no_unknown(obj, set(cls.__dataclass_fields__), "spec")
-        image = obj.get("image")
         return cls(
             mode=_string(obj.get("mode"), "mode"),
             argv=_strings(obj.get("argv", []), "argv"),
@@ -227,9 +217,56 @@ class ProcessSpec:
             tty=_bool(obj.get("tty", False), "tty"),
             rows=_int(obj.get("rows", 24), "rows", 1, MAX_TERMINAL),
             cols=_int(obj.get("cols", 80), "cols", 1, MAX_TERMINAL),
-            image=None if image is None else ImageSource.from_json(image),
-            privileged=_bool(obj.get("privileged", False), "privileged"),
             health_check=_optional(obj.get("health_check"), "health_check", _string),
             health_timeout=_number(obj.get("health_timeout", 60.0), "health_timeout", 0, 86400),
-            proxy_env=_env(obj.get("proxy_env", []), "proxy_env"),
         )
+
+
+@dataclass(frozen=True)
+class ContainerSetup:
+    """Everything the container is created with, up to its gate (what a snapshot of the
+    prepared VM fixes): the image, privileges, and proxies for pulling in the guest."""
+
+    image: ImageSource
+    privileged: bool = False
+    proxy_env: tuple[tuple[str, str], ...] = field(default=())
+    # The image's ENTRYPOINT and CMD, when the host knows them (None: the agent asks
+    # podman). The agent applies podman's rule: entrypoint + (command or cmd).
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image, ImageSource):
+            raise SpecError("setup.image must be an image source")
+        _bool(self.privileged, "setup.privileged")
+        _env(self.proxy_env, "setup.proxy_env")
+        _optional(self.entrypoint, "setup.entrypoint", _strings)
+        _optional(self.cmd, "setup.cmd", _strings)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": self.image.to_json(), "privileged": self.privileged,
+                               "proxy_env": [list(kv) for kv in self.proxy_env]}  # fmt: skip
+        for name in ("entrypoint", "cmd"):
+            if getattr(self, name) is not None:
+                out[name] = list(getattr(self, name))
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> ContainerSetup:
+        obj = _mapping(data, "setup")
+        _no_unknown(obj, {"image", "privileged", "proxy_env", "entrypoint", "cmd"}, "setup")
+        return cls(
+            image=ImageSource.from_json(obj.get("image")),
+            privileged=_bool(obj.get("privileged", False), "setup.privileged"),
+            proxy_env=_env(obj.get("proxy_env", []), "setup.proxy_env"),
+            entrypoint=_optional(obj.get("entrypoint"), "setup.entrypoint", _strings),
+            cmd=_optional(obj.get("cmd"), "setup.cmd", _strings),
+        )
+
+
+def command_line(
+    entrypoint: tuple[str, ...], cmd: tuple[str, ...], command: tuple[str, ...]
+) -> tuple[str, ...]:
+    """What the container runs, by podman's (and Docker's) rule: the image's entrypoint,
+    then the command given to `run` or, without one, the image's CMD."""
+    return (*entrypoint, *(command or cmd))

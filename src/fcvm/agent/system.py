@@ -99,27 +99,32 @@ def network_commands(params: dict[str, str]) -> list[str]:
         cmds.append(f"link set eth0 mtu {params['mtu']}")
     cmds += ["link set eth0 up", f"addr add {ip} dev eth0"]
     if params.get("gw"):
-        cmds.append(f"route add default via {params['gw']}")
+        cmds.append(f"route replace default via {params['gw']}")
     if params.get("ip6"):
         # (no "-6": a batch line takes no global options; the addresses set the family)
         cmds.append(f"addr add {params['ip6']} dev eth0 nodad")
         if params.get("gw6"):
-            cmds.append(f"route add default via {params['gw6']}")
+            cmds.append(f"route replace default via {params['gw6']}")
     return cmds
 
 
-def configure_network(params: dict[str, str]) -> None:
-    """Loopback, eth0 and DNS. One `ip -batch` process: every fork+exec costs tens of
-    milliseconds in an emulated guest, and this is on the boot path."""
+def run_ip_batch(lines: list[str]) -> None:
+    """One `ip -batch` process for all of lines: every fork+exec costs tens of
+    milliseconds in an emulated guest, and this is on the boot (and restore) path."""
     proc = subprocess.run(
         ["ip", "-force", "-batch", "-"],
-        input="\n".join(network_commands(params)) + "\n",
+        input="\n".join(lines) + "\n",
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
         log.warning("network setup: %s", " / ".join(proc.stderr.split("\n")).strip(" /"))
+
+
+def configure_network(params: dict[str, str]) -> None:
+    """Loopback, eth0 and DNS, from the host's parameters."""
+    run_ip_batch(network_commands(params))
     dns = [d for d in params.get("dns", "").split(",") if d]
     if dns:
         write_text("/etc/resolv.conf", "".join(f"nameserver {d}\n" for d in dns))

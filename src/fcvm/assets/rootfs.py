@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fcvm import paths
-from fcvm.agent.protocol import CONTAINER_STARTED_FILE, IMAGE_STORE_DIR
-from fcvm.assets import cache, ext4
+from fcvm.agent.protocol import IMAGE_STORE_DIR
+from fcvm.assets import cache, cprog, ext4
 from fcvm.assets.kernel import last_line, run
 from fcvm.errors import FcvmError
 
@@ -133,17 +133,6 @@ graphroot = "/var/lib/containers/storage"
 additionalimagestores = ["{IMAGE_STORE_DIR}"]
 """
 
-# OCI poststart hook: runs after the runtime has started the container's process (not
-# for execs), so the agent sees the container running from a file (agent/runner.py).
-STARTED_HOOK = f"""\
-{{
-  "version": "1.0.0",
-  "hook": {{"path": "/usr/bin/touch", "args": ["touch", "{CONTAINER_STARTED_FILE}"]}},
-  "when": {{"always": true}},
-  "stages": ["poststart"]
-}}
-"""
-
 HOSTS = """\
 127.0.0.1\tlocalhost fcvm
 ::1\t\tlocalhost ip6-localhost ip6-loopback
@@ -162,8 +151,8 @@ def rootfs_key(base: str, kernel_key: str, agent_hash: str) -> str:
         AGENT_WRAPPER_TEXT,
         CONTAINERS_CONF,
         STORAGE_CONF,
-        STARTED_HOOK,
         HOSTS,
+        *cprog.sources(),
         base,
         kernel_key,
         agent_hash,
@@ -257,8 +246,6 @@ def install_agent(root: Path, src: Path | None = None) -> list[str]:
 def configure(root: Path) -> None:
     _write(root, "etc/containers/containers.conf", CONTAINERS_CONF)
     _write(root, "etc/containers/storage.conf", STORAGE_CONF)
-    # (podman 4.3 reads hooks from its default hooks_dir only, not from /etc)
-    _write(root, "usr/share/containers/oci/hooks.d/fcvm-started.json", STARTED_HOOK)
     _write(root, "etc/hostname", "fcvm\n")
     _write(root, "etc/hosts", HOSTS)
     _write(root, "etc/resolv.conf", "# written by the fcvm agent when the guest has a network\n")
@@ -302,6 +289,8 @@ def build_rootfs(
         progress("rootfs", "adding the agent, podman configuration and kernel modules")
         install_agent(work)
         configure(work)
+        progress("rootfs", "building the guest's C programs (the container gate)")
+        cprog.install(work)
         mods = work / "lib" / "modules" / kernel.release
         shutil.rmtree(mods, ignore_errors=True)
         shutil.copytree(kernel_tree / "lib" / "modules" / kernel.release, mods, symlinks=True)

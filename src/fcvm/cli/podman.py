@@ -88,6 +88,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="give up on the health check after this long (default 60)",
     )
     run.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="boot cold and leave no snapshot (also FCVM_NO_SNAPSHOT=1); by default the "
+        "first run of an image and VM configuration snapshots the VM, and later runs "
+        "start from that snapshot",
+    )
+    run.add_argument(
         "--stop-timeout",
         default="10",
         metavar="SECONDS",
@@ -142,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         health_check=p.parse_health_check(args.health_check),
         health_timeout=p.parse_seconds("--health-timeout", args.health_timeout),
         stop_timeout=p.parse_seconds("--stop-timeout", args.stop_timeout),
+        snapshot=not args.no_snapshot,
     )
     if args.setup:
         from fcvm.assets import setup

@@ -3,7 +3,17 @@ MachineSpec (spec.py). Every command that runs a VM, and the Python API, use it.
 
 from __future__ import annotations
 
-from fcvm.machine.machine import Machine, Parts, Phase, held_record
+from fcvm.machine.machine import (
+    Machine,
+    Parts,
+    Phase,
+    RestoreFailed,
+    RestoreSource,
+    held_record,
+)
 from fcvm.machine.spec import DriveSpec, MachineSpec
 
-__all__ = ["DriveSpec", "Machine", "MachineSpec", "Parts", "Phase", "held_record"]
+__all__ = [
+    "DriveSpec", "Machine", "MachineSpec", "Parts", "Phase", "RestoreFailed", "RestoreSource",
+    "held_record",
+]  # fmt: skip

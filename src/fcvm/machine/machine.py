@@ -12,6 +12,13 @@ it exists, so any failure, Ctrl-C or bug unwinds exactly what was made):
     agent session    the one session with the guest agent
     control socket   where `fcvm exec` and other clients reach the VM (relay.py)
 
+Restoring instead of booting (`restore=RestoreSource`): the VMM loads a snapshot with
+its memory mapped privately, the host connects to the agent before the guest runs,
+a new session takes over the snapshot's (session/mux.py), and the guest is told its
+new identity (hostname, clock, entropy, network: agent/identity.py). Any failure of
+that is a RestoreFailed, after which the caller may boot instead. `snapshot()` writes
+a snapshot of the running VM (quiesced session, paused VM) and lets it go on.
+
 If fcvm itself is killed -9, the VMM dies with it (PR_SET_PDEATHSIG), the network
 helpers at EOF of pipes only we held, and the next fcvm command reaps the rest from
 the record (state.reap_stale runs the reapers registered here).
@@ -24,9 +31,11 @@ outlive the VM: the VMM's parent-death signal follows the thread that forked it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import enum
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +47,7 @@ from fcvm.machine.spec import MachineSpec
 from fcvm.net.publish import PortForward
 from fcvm.session import Session, SessionClosed
 from fcvm.timings import Timings
-from fcvm.vmm.base import VmConfig, Vmm
+from fcvm.vmm.base import SnapshotFiles, VmConfig, Vmm
 from fcvm.vmm.select import Choice
 
 logger = log.get("machine")
@@ -46,6 +55,8 @@ logger = log.get("machine")
 T = TypeVar("T")
 
 BOOT_TIMEOUT = float(os.environ.get("FCVM_BOOT_TIMEOUT", "90"))
+# A restored agent answers at once; one that does not in this long never will.
+RESTORE_TIMEOUT = float(os.environ.get("FCVM_RESTORE_TIMEOUT", "20"))
 VMM_POLL_SECONDS = 0.05
 # Failures that may just be the VMM dying under us (supervise() then says so).
 _LOST = (SessionClosed, ConnectionError, BrokenPipeError)
@@ -59,7 +70,10 @@ class NetworkLike(Protocol):
     guest_ip: str
     forwards: list[PortForward]
 
+    mac: str
+
     def record(self) -> dict[str, Any]: ...
+    def guest_params(self) -> dict[str, str]: ...
     def guest_cmdline(self) -> list[str]: ...
     def vmm_net(self) -> Any: ...
     def proxy_env(self) -> dict[str, str]: ...
@@ -93,12 +107,38 @@ def _reap_network() -> state.Reaper:
     return reap_record
 
 
-async def open_agent_session(vmm: Vmm, timeout: float) -> Session:
-    """Connect to the guest agent and complete the session handshake."""
+class RestoreFailed(GuestError):
+    """A snapshot could not be restored; everything made for it is undone."""
+
+
+@dataclass(frozen=True)
+class RestoreSource:
+    """A snapshot to restore instead of booting."""
+
+    name: str
+    files: SnapshotFiles
+    disks: dict[str, Path] = field(default_factory=dict)  # writable drive -> its copy
+
+
+async def open_agent_session(
+    vmm: Vmm,
+    timeout: float,
+    resume: bool = False,
+    mark: Callable[[str], None] | None = None,
+    hello_extra: dict[str, Any] | None = None,
+) -> Session:
+    """Connect to the guest agent and complete the session handshake. With resume, the
+    VM is a paused restore: it runs once the host is connected (so the guest never
+    sees its agent port without a host). mark(step) records the steps' times;
+    hello_extra goes into our HELLO (a restored guest's identity)."""
     session: Session | None = None
     try:
         reader, writer = await vmm.open_agent_stream(timeout=timeout)
-        session = Session(reader, writer, role="host")
+        if resume:
+            vmm.resume()
+            if mark is not None:
+                mark("vm-resumed")
+        session = Session(reader, writer, role="host", hello_extra=hello_extra)
         await session.start(timeout=timeout)
     except BaseException as exc:
         if session is not None:  # e.g. cancelled while waiting for HELLO: close it quietly
@@ -138,7 +178,7 @@ class Parts:
     setup_network: Callable[[str, str, list[PortForward], Path], NetworkLike] = _setup_network
     network_reaper: Callable[[], state.Reaper] = _reap_network
     make_vmm: Callable[[Choice, VmConfig], Vmm] = _make_vmm
-    open_session: Callable[[Vmm, float], Awaitable[Session]] = open_agent_session
+    open_session: Callable[..., Awaitable[Session]] = open_agent_session
     start_control: Callable[[Path, Session], Awaitable[Closable]] = _start_control
 
 
@@ -153,9 +193,15 @@ class Machine:
     """One VM, booted from a MachineSpec; see the module docstring."""
 
     def __init__(
-        self, spec: MachineSpec, *, parts: Parts | None = None, timings: Timings | None = None
+        self,
+        spec: MachineSpec,
+        *,
+        restore: RestoreSource | None = None,
+        parts: Parts | None = None,
+        timings: Timings | None = None,
     ) -> None:
         self.spec = spec
+        self.restore_source = restore
         self.parts = parts or Parts()
         self.timings = timings or Timings()
         self.vm_id = state.new_vm_id()
@@ -227,16 +273,74 @@ class Machine:
         vmm = parts.make_vmm(spec.backend, self.vmm_config())
         self.vmm = vmm
         undo.callback(_quietly, "stop the VMM", vmm.stop)  # runs before the network's undo
-        vmm.start()
-        records.update(self.record, vmm=vmm.name, vmm_pid=vmm.pid, status="booting")
-        self.timings.mark("vmm-started")
-        session = await self.supervise(parts.open_session(vmm, BOOT_TIMEOUT))
-        self._session = session
-        undo.push_async_callback(_quietly_async, "close the session", session.close)
+        if self.restore_source is None:
+            vmm.start()
+            records.update(self.record, vmm=vmm.name, vmm_pid=vmm.pid, status="booting")
+            self.timings.mark("vmm-started")
+            session = await self.supervise(parts.open_session(vmm, BOOT_TIMEOUT, False))
+            self._session = session
+            undo.push_async_callback(_quietly_async, "close the session", session.close)
+        else:
+            session = await self._restore(vmm, self.restore_source)
         self.timings.mark("agent-ready")
         control = await parts.start_control(paths.exec_socket(self.vm_id), session)
         undo.callback(_quietly, "close the control socket", control.close)
         records.update(self.record, status="running")
+
+    async def _restore(self, vmm: Vmm, source: RestoreSource) -> Session:
+        """Load the snapshot, take over its agent session, give the guest its identity.
+        Anything going wrong is a RestoreFailed (the snapshot is suspect)."""
+        records = self.parts.records
+        records.update(self.record, extra={**self.record.extra, "snapshot": source.name})
+        try:
+            vmm.restore(source.files)
+            records.update(self.record, vmm=vmm.name, vmm_pid=vmm.pid, status="restoring")
+            self.timings.mark("vmm-restored")
+            session = await self.supervise(self.parts.open_session(
+                vmm, RESTORE_TIMEOUT, True, self.timings.mark, {"identity": self._identity()}
+            ))  # fmt: skip
+            self._session = session
+            self._undo.push_async_callback(_quietly_async, "close the session", session.close)
+            done = (session.peer_hello or {}).get("identity")
+            if not isinstance(done, dict) or "error" in done:
+                why = done.get("error") if isinstance(done, dict) else "no answer"
+                raise GuestError(f"the guest did not take its new identity: {why}")
+            logger.info("restored from %s: %s", source.name, done)
+            return session
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            line = exc.line() if isinstance(exc, GuestError | StateError) else str(exc)
+            raise RestoreFailed(f"cannot restore snapshot {source.name}: {line}") from exc
+
+    def _identity(self) -> dict[str, Any]:
+        """What a guest restored from a snapshot must take on (agent/identity.py)."""
+        msg: dict[str, Any] = {
+            "hostname": self.spec.name,
+            "time_ns": time.time_ns(),
+            "entropy": base64.b64encode(os.urandom(64)).decode(),
+        }
+        if self.net is not None:
+            msg["net"] = {**self.net.guest_params(), "mac": self.net.mac}
+        return msg
+
+    async def snapshot(self, files: SnapshotFiles) -> None:
+        """Write a snapshot of this running VM (it goes on afterwards): both ends of the
+        session quiesced, the VM paused, memory and state saved, resumed."""
+        vmm, session = self.vmm, self.session
+        assert vmm is not None
+        if not vmm.capabilities.snapshot:
+            raise vmm._unsupported("take snapshots")
+        await session.quiesce()
+        try:
+            vmm.pause()
+            try:
+                await asyncio.to_thread(vmm.save_snapshot, files)
+            finally:
+                vmm.resume()
+        finally:
+            await session.resume()
+        self.timings.mark("snapshot-saved")
 
     def vmm_config(self) -> VmConfig:
         spec, net = self.spec, self.net

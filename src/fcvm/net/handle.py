@@ -98,18 +98,22 @@ class NetHandle:
     _keep_fds: list[int] = field(default_factory=list, repr=False)
     _torn: bool = field(default=False, repr=False)
 
+    def guest_params(self) -> dict[str, str]:
+        """What the guest agent configures eth0 from: at boot as fcvm.* kernel parameters,
+        after a restore in the identity request (with the MAC, which QEMU's restored
+        device state would otherwise keep)."""
+        params = {"ip": f"{self.guest_ip}/{self.prefix_len}", "gw": self.gateway,
+                  "mtu": str(self.mtu)}  # fmt: skip
+        if self.dns:
+            params["dns"] = ",".join(self.dns)
+        if self.guest_ip6:
+            params["ip6"] = f"{self.guest_ip6}/{self.prefix_len6}"
+            params["gw6"] = self.gateway6
+        return params
+
     def guest_cmdline(self) -> list[str]:
         """Kernel command-line parameters the guest agent configures eth0 from."""
-        args = [
-            f"fcvm.ip={self.guest_ip}/{self.prefix_len}",
-            f"fcvm.gw={self.gateway}",
-            f"fcvm.mtu={self.mtu}",
-        ]
-        if self.dns:
-            args.append(f"fcvm.dns={','.join(self.dns)}")
-        if self.guest_ip6:
-            args += [f"fcvm.ip6={self.guest_ip6}/{self.prefix_len6}", f"fcvm.gw6={self.gateway6}"]
-        return args
+        return [f"fcvm.{k}={v}" for k, v in self.guest_params().items()]
 
     def proxy_env(self, environ: dict[str, str] | None = None) -> dict[str, str]:
         return proxy_env(environ, host_alias=rootless.SLIRP_GW if self.mode == "rootless" else None)

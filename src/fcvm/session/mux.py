@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fcvm.errors import ProtocolError
@@ -80,6 +81,8 @@ class Session:
         role: Role,
         window: int = DEFAULT_WINDOW,
         peer_hello: dict[str, Any] | None = None,
+        hello_extra: dict[str, Any] | None = None,
+        on_hello: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
     ) -> None:
         if role not in ("host", "agent"):
             raise ValueError(f"role must be 'host' or 'agent', not {role!r}")
@@ -95,11 +98,17 @@ class Session:
         self._hello_done = asyncio.Event()
         # A HELLO already read by the session this one replaces (agent side, takeover).
         self._given_hello = peer_hello
+        # More for our HELLO (host: e.g. a restored guest's new identity), and what the
+        # agent does with the host's before answering (its result rides on the answer,
+        # and every frame after the HELLO is handled only after it: one round trip).
+        self._hello_extra = dict(hello_extra or {})
+        self._hello_hook = on_hello
         self.session_id = os.urandom(8).hex() if role == "host" else ""
         # Set when a new host's HELLO ended this (quiesced) session: start the next
         # Session on the same transport with it.
         self.takeover_hello: dict[str, Any] | None = None
         self._held: list[bytes] | None = None  # frames kept back while quiesced
+        self.ended_quiesced = False
         self._closed = False
         self._closed_event = asyncio.Event()
         self.close_reason: str | None = None
@@ -156,6 +165,8 @@ class Session:
             await self._drain()
             await asyncio.wait_for(self._hello_done.wait(), timeout)
             if self._peer_hello is not None and self.role == "agent":
+                if self._hello_hook is not None:
+                    self._hello_extra.update(self._hello_hook(self._peer_hello) or {})
                 self._send_hello()  # echoing the host's session id
                 await self._drain()
         except TimeoutError:
@@ -169,8 +180,8 @@ class Session:
         return self._peer_hello
 
     def _send_hello(self) -> None:
-        hello = {"version": PROTOCOL_VERSION, "role": self.role, "window": self._window,
-                 "session": self.session_id}  # fmt: skip
+        hello = {**self._hello_extra, "version": PROTOCOL_VERSION, "role": self.role,
+                 "window": self._window, "session": self.session_id}  # fmt: skip
         self._send_nowait(Frame(FrameType.HELLO, 0, encode_json(hello)))
 
     # -- quiescing (snapshots) ----------------------------------------------
@@ -237,6 +248,9 @@ class Session:
             return
         self._closed = True
         self.close_reason = reason
+        # Ended while quiesced: the snapshot was restored elsewhere (agent side), so
+        # its owner waits for a new host rather than giving up.
+        self.ended_quiesced = self._held is not None
         self._held = None  # (a quiesced session that ends drops what it held)
         log.log(level, "session (%s) ended: %s", self.role, reason)
         for ch in list(self._channels.values()):

@@ -1,14 +1,16 @@
 """On-disk layout of one snapshot: ``paths.snapshot_dir(NAME)/``.
 
     meta.json     SnapshotMeta (below), written last: a directory without it is incomplete
-    memory        guest memory, the regions laid end to end (Firecracker's memory file)
+    memory        guest memory, the regions laid end to end (sparse: holes are zero pages)
     vmstate       the VMM's device/vCPU state file
-    disk-<id>     one file per drive, a reflink copy taken while the VM was paused
+    disk-<id>     one file per writable drive, copied (reflink) while the VM was paused
     workingset    first-touch working set recorded by the page server (snapshot/workingset.py)
+    lock          flock'ed shared by every VM using the snapshot, exclusively to remove it
+    last-used     its mtime: when a VM last started from it (for pruning, LRU)
 
-`fcvm snapshot serve` needs only ``meta.json`` and ``memory``; `snapshot create` (a later
-issue) fills the rest. Names are short and path-safe because the page server's socket
-path (``paths.serve_dir()/NAME.sock``) must fit in 107 bytes.
+Snapshots are written in a temporary directory (``.tmp-NAME-PID``) and renamed into
+place complete, so a name that exists is whole. Names are short and path-safe because
+the page server's socket path (``paths.serve_dir()/NAME.sock``) must fit in 107 bytes.
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ META_FILE = "meta.json"
 MEMORY_FILE = "memory"
 VMSTATE_FILE = "vmstate"
 WORKINGSET_FILE = "workingset"
+LOCK_FILE = "lock"
+LAST_USED_FILE = "last-used"
 DISK_PREFIX = "disk-"
-META_VERSION = 1
+TMP_PREFIX = ".tmp-"
+META_VERSION = 2
+
+KIND_PRESTART = "prestart"  # image cache: the container created, held at its gate
+KIND_STARTUP = "startup"  # image cache: the container running and healthy
+KIND_NAMED = "named"  # `fcvm snapshot create --tag NAME`
+CACHE_KINDS = (KIND_PRESTART, KIND_STARTUP)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -63,10 +73,22 @@ class SnapshotMeta:
     mem_mib: int = 0
     cpus: int = 0
     page_size: int = 4096  # guest memory page size (2 MiB with huge pages)
-    plan_key: str = ""  # the run plan's cache key, when the snapshot is a run cache
+    plan_key: str = ""  # the cache key (image cache kinds), its hex digest
     source_vm: str = ""  # vm_id it was taken from, if any
     disks: dict[str, str] = field(default_factory=dict)  # drive id -> file name in the dir
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = KIND_NAMED
+    key_parts: dict[str, Any] = field(default_factory=dict)  # what the key was made of
+    # Identity of the files, checked before a restore: a changed, truncated or foreign
+    # snapshot is never restored.
+    state_size: int = 0
+    state_sha256: str = ""
+    memory_mtime_ns: int = 0
+    vmm_version: str = ""
+    accel: str = ""
+    # The VM to rebuild around it (MachineSpec's hardware) and what runs in it.
+    machine: dict[str, Any] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +121,14 @@ class SnapshotLayout:
     @property
     def workingset(self) -> Path:
         return self.dir / WORKINGSET_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / LOCK_FILE
+
+    @property
+    def last_used(self) -> Path:
+        return self.dir / LAST_USED_FILE
 
     def disk(self, drive_id: str) -> Path:
         return self.dir / f"{DISK_PREFIX}{drive_id}"
@@ -145,7 +175,7 @@ def list_snapshots() -> list[tuple[SnapshotLayout, SnapshotMeta | None]]:
     out: list[tuple[SnapshotLayout, SnapshotMeta | None]] = []
     for entry in sorted(root.iterdir()):
         if not entry.is_dir() or not _NAME_RE.fullmatch(entry.name):
-            continue
+            continue  # (.tmp-* directories are snapshots being written)
         snap = SnapshotLayout(name=entry.name, dir=entry)
         try:
             meta: SnapshotMeta | None = load_meta(snap)

@@ -78,6 +78,14 @@ class NotSupported(VmmUnavailable):
     """The backend cannot do what was asked (see its Capabilities)."""
 
 
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """Where a snapshot's guest memory and VMM state are (or are to be) written."""
+
+    memory: Path  # guest memory, its regions end to end (sparse: holes are zero pages)
+    state: Path  # the VMM's own device and vCPU state
+
+
 class Vmm(ABC):
     """A running (or about to run) microVM."""
 
@@ -120,6 +128,25 @@ class Vmm(ABC):
         """What the VMM and the guest said last, for the one-line error when it dies."""
         return ""
 
+    # -- snapshots (Capabilities.snapshot / .restore say whether these work) ----------
+
+    def pause(self) -> None:
+        raise self._unsupported("pause a VM")
+
+    def resume(self) -> None:
+        """Run a paused (or just restored) VM; a no-op for a running one."""
+        raise self._unsupported("resume a VM")
+
+    def save_snapshot(self, files: SnapshotFiles) -> None:
+        """Write the paused VM's memory and state; the VM stays paused."""
+        raise self._unsupported("take snapshots")
+
+    def restore(self, files: SnapshotFiles) -> None:
+        """Instead of start(): launch the VMM with the snapshot's memory mapped privately
+        (the snapshot's files are never written) and its state loaded. Returns with the
+        VM paused, so the caller can connect to the agent first; then resume()."""
+        raise self._unsupported("restore snapshots")
+
     def _unsupported(self, what: str) -> NotSupported:
         return NotSupported(f"the {self.name} backend cannot {what} here")
 
@@ -140,3 +167,6 @@ class Backend:
     name: str
     availability: Callable[[KvmStatus], Availability]
     create: Callable[[VmConfig, Accel], Vmm]
+    # The VMM's version, e.g. "QEMU 7.2.22": snapshots record it (a state file is
+    # only loaded by the VMM version that wrote it).
+    version: Callable[[], str] = lambda: ""

@@ -317,4 +317,10 @@ def _create(config: VmConfig, accel: Accel) -> FirecrackerVmm:
     return FirecrackerVmm(config)
 
 
-BACKEND = Backend(name="firecracker", availability=availability, create=_create)
+def _version() -> str:
+    binary = firecracker_binary()
+    return process.binary_version(str(binary)) if binary else ""
+
+
+BACKEND = Backend(name="firecracker", availability=availability, create=_create,
+                  version=_version)  # fmt: skip

@@ -58,6 +58,39 @@ def terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
     proc.wait()
 
 
+def binary_version(binary: str, argv: Sequence[str] = ("--version",)) -> str:
+    """The first line `binary --version` prints, cached on disk per binary identity
+    (path, size, mtime): asking costs tens of milliseconds, and every cached run asks."""
+    import json
+    import shutil
+
+    from fcvm import paths
+    from fcvm.fsutil import atomic_write
+
+    path = shutil.which(binary) or binary
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    cache = paths.base_dir() / "vmm-versions.json"
+    known: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(cache.read_text())
+        known = loaded if isinstance(loaded, dict) else {}
+    if ident in known:
+        return known[ident]
+    try:
+        out = subprocess.run([path, *argv], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    version = out.strip().splitlines()[0] if out.strip() else ""
+    known[ident] = version
+    with contextlib.suppress(OSError):
+        atomic_write(cache, json.dumps(known))
+    return version
+
+
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]\s?")
 _NOISE = re.compile(
     r"^(R[A-Z0-9]{2}:|Code:|Call Trace|<TASK>|</TASK>|\? |CPU: |Hardware name|"

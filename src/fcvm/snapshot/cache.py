@@ -1,0 +1,223 @@
+"""The image cache: snapshots keyed by everything the guest has seen before they were taken.
+
+A run computes its key (`key_of`: the canonical JSON of its parts, hashed), looks it up
+(`lookup`: only a complete snapshot whose files are exactly as written and whose
+recorded VMM, accelerator and key match is returned, with a lease on it), and if there
+is none, the first run of the key writes one (`creator`: one writer per key; another
+run of the same key meanwhile boots cold and writes nothing). Entries live beside
+named snapshots in BASE/snapshots, named ``cache-<key>``, with kind prestart or startup.
+
+The cache is bounded (`limit_bytes`: $FCVM_SNAPSHOT_CACHE_MAX, else `snapshot_cache_max`
+in config.toml, else 10G); `prune` removes least recently used entries until it fits,
+never one in use. `FCVM_NO_SNAPSHOT=1` (or --no-snapshot) turns the cache off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fcvm import log, paths
+from fcvm.errors import UsageError
+from fcvm.snapshot import store
+from fcvm.snapshot.layout import (
+    CACHE_KINDS,
+    META_VERSION,
+    SnapshotError,
+    SnapshotLayout,
+    SnapshotMeta,
+    layout,
+    list_snapshots,
+    load_meta,
+)
+
+logger = log.get("snapshot.cache")
+
+PREFIX = "cache-"
+DEFAULT_LIMIT = 10 << 30
+KEY_CHARS = 24
+
+
+def disabled() -> bool:
+    return os.environ.get("FCVM_NO_SNAPSHOT", "").lower() in ("1", "yes", "true", "on")
+
+
+def key_of(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()  # fmt: skip
+
+
+def name_of(key: str) -> str:
+    return f"{PREFIX}{key[:KEY_CHARS]}"
+
+
+@dataclass
+class Entry:
+    """A usable cache entry, held in use until `lease.release()`."""
+
+    layout: SnapshotLayout
+    meta: SnapshotMeta
+    lease: store.Lease
+
+
+def lookup(kind: str, key: str, expect: dict[str, str]) -> Entry | None:
+    """The entry of `key`, if it can be restored: complete, of this kind, its files as
+    written, and `expect` (vmm, vmm_version, accel) as recorded. Anything else is
+    reported at info level and removed (when not in use): the run then boots cold."""
+    snap = layout(name_of(key))
+    if not snap.dir.is_dir():
+        return None
+    try:
+        meta = load_meta(snap)
+        why = _mismatch(meta, kind, key, expect) or store.why_unusable(snap, meta)
+    except SnapshotError as exc:
+        meta, why = None, str(exc)
+    if why is not None:
+        logger.info("cached snapshot %s is unusable: %s; removing it and booting cold",
+                    snap.name, why)  # fmt: skip
+        with contextlib.suppress(SnapshotError):
+            store.remove(snap.name)
+        return None
+    assert meta is not None
+    lease = store.lease(snap.name)
+    if lease is None:
+        return None  # removed meanwhile
+    return Entry(snap, meta, lease)
+
+
+def _mismatch(meta: SnapshotMeta, kind: str, key: str, expect: dict[str, str]) -> str | None:
+    if meta.version != META_VERSION:
+        return f"written by another fcvm version ({meta.version})"
+    if meta.kind != kind or meta.plan_key != key:
+        return f"it is a {meta.kind} snapshot of key {meta.plan_key[:12]}, not {kind} {key[:12]}"
+    for field_name, want in expect.items():
+        have = str(getattr(meta, field_name, ""))
+        if have != want:
+            return f"its {field_name} is {have!r}, not {want!r} as here"
+    return None
+
+
+@contextlib.contextmanager
+def creator(key: str) -> Iterator[store.Writer | None]:
+    """A writer for key's entry, or None when another run is writing it right now."""
+    name = name_of(key)
+    root = paths.snapshots_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f".{name}.create", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another run is writing snapshot %s; not writing it too", name)
+            yield None
+            return
+        if layout(name).meta.is_file():
+            yield None  # written while we booted
+            return
+        with store.writer(name) as w:
+            yield w
+    finally:
+        os.close(fd)
+
+
+def parse_size(value: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", value.lower())
+    if not m:
+        raise UsageError(f"malformed size {value!r}: expected e.g. 500M or 10G")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def limit_bytes() -> int:
+    env = os.environ.get("FCVM_SNAPSHOT_CACHE_MAX")
+    if env:
+        return parse_size(env)
+    try:
+        import tomllib
+
+        with open(paths.config_file(), "rb") as f:
+            value = tomllib.load(f).get("snapshot_cache_max")
+        if isinstance(value, str | int):
+            return parse_size(str(value))
+    except (OSError, ValueError):
+        pass
+    return DEFAULT_LIMIT
+
+
+@dataclass
+class Listed:
+    layout: SnapshotLayout
+    meta: SnapshotMeta | None
+    size: int
+    last_used: float
+    in_use: bool
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.meta
+        return {
+            "name": self.layout.name,
+            "kind": m.kind if m else "incomplete",
+            "key": m.plan_key if m else "",
+            "size_bytes": self.size,
+            "created": m.created if m else None,
+            "last_used": self.last_used,
+            "in_use": self.in_use,
+            "vmm": m.vmm if m else "",
+            "image": m.workload.get("image", "") if m else "",
+            "memory_bytes": m.memory_size if m else 0,
+        }
+
+
+def listing() -> list[Listed]:
+    out = []
+    for snap, meta in list_snapshots():
+        try:
+            used = snap.last_used.stat().st_mtime
+        except OSError:
+            used = meta.created if meta else 0.0
+        out.append(Listed(snap, meta, store.size_on_disk(snap.dir), used, store.in_use(snap)))
+    return out
+
+
+def prune(
+    *,
+    max_bytes: int | None = None,
+    older_than: float | None = None,
+    kinds: tuple[str, ...] = CACHE_KINDS,
+) -> list[str]:
+    """Remove cache entries (of kinds) unused for older_than seconds, then the least
+    recently used ones until all of them fit in max_bytes. Never one in use. The names
+    removed."""
+    entries = [e for e in listing() if e.meta is None or e.meta.kind in kinds]
+    entries.sort(key=lambda e: e.last_used)
+    removed: list[str] = []
+    now = time.time()
+    total = sum(e.size for e in entries)
+    for e in entries:
+        too_old = older_than is not None and now - e.last_used > older_than
+        too_big = max_bytes is not None and total > max_bytes
+        if not (too_old or too_big) or e.in_use:
+            continue
+        try:
+            store.remove(e.layout.name)
+        except SnapshotError:
+            continue
+        total -= e.size
+        removed.append(e.layout.name)
+    return removed
+
+
+def enforce_limit() -> list[str]:
+    """After writing an entry: keep the cache within its bound (LRU first)."""
+    removed = prune(max_bytes=limit_bytes())
+    if removed:
+        logger.info("snapshot cache over its bound: removed %s", ", ".join(removed))
+    return removed
