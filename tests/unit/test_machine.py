@@ -80,9 +80,12 @@ class FakeNet:
     host_ip = "127.77.0.9"
     guest_ip = "10.0.2.100"
 
+    mac = "02:fc:00:00:00:01"
+
     def __init__(self, log: Log, forwards: list[PortForward]) -> None:
         self.log = log
         self.forwards = forwards
+        self.dead: str | None = None
 
     def record(self) -> dict[str, Any]:
         return {"host_ip": self.host_ip}
@@ -98,6 +101,9 @@ class FakeNet:
 
     def teardown(self) -> None:
         self.log.undo("network")
+
+    def check(self) -> str | None:
+        return self.dead
 
 
 class FakeVmm:
@@ -320,3 +326,20 @@ def test_drives_get_their_devices_in_one_place(tmp_path: Path) -> None:
     ]  # fmt: skip
     with pytest.raises(KeyError):
         s.device("nope")
+
+
+def test_supervise_reports_a_dead_network_helper(tmp_path: Path) -> None:
+    log = Log()
+    parts, made = fake_parts(log)
+
+    async def main() -> None:
+        async with Machine(spec(tmp_path), parts=parts) as m:
+
+            async def work() -> None:
+                made["net"].dead = "slirp4netns (pid 7) died"
+                await asyncio.sleep(30)
+
+            with pytest.raises(GuestError, match=r"lost its network: slirp4netns \(pid 7\)"):
+                await m.supervise(work())
+
+    arun(main())

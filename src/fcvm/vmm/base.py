@@ -137,8 +137,11 @@ class Vmm(ABC):
         """Run a paused (or just restored) VM; a no-op for a running one."""
         raise self._unsupported("resume a VM")
 
-    def save_snapshot(self, files: SnapshotFiles) -> None:
-        """Write the paused VM's memory and state; the VM stays paused."""
+    def save_snapshot(self, files: SnapshotFiles, *, base: SnapshotFiles | None = None) -> None:
+        """Write the paused VM's memory and state; the VM stays paused. With base (the
+        snapshot this VM was restored from), a backend that tracks dirty pages may write
+        only what changed since and merge it onto a copy of base's memory (Firecracker's
+        Diff snapshots); the result is always a complete memory file."""
         raise self._unsupported("take snapshots")
 
     def restore(self, files: SnapshotFiles) -> None:

@@ -170,9 +170,10 @@ class QemuVmm(ProcessVmm):
     def resume(self) -> None:
         self.qmp().execute("cont")
 
-    def save_snapshot(self, files: SnapshotFiles) -> None:
+    def save_snapshot(self, files: SnapshotFiles, *, base: SnapshotFiles | None = None) -> None:
         """The paused VM's full migration stream, split on the fly (qemu_stream.py) into
-        the memory file (guest RAM, sparse) and the state file (everything else)."""
+        the memory file (guest RAM, sparse) and the state file (everything else). (base
+        is not needed: QEMU 7.2 has no dirty-page diff of a whole save to offer.)"""
         qmp = self.qmp()
         # (bytes/s; the default throttles a local save to ~128 MiB/s)
         qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
