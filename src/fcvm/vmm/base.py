@@ -84,6 +84,9 @@ class SnapshotFiles:
 
     memory: Path  # guest memory, its regions end to end (sparse: holes are zero pages)
     state: Path  # the VMM's own device and vCPU state
+    # restore only: take the memory from this userfaultfd page server's socket
+    # (`fcvm snapshot serve`) instead of mapping the file (Firecracker's Uffd backend).
+    page_server: Path | None = None
 
 
 class Vmm(ABC):
