@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "fcvm.cli.exec",
     "fcvm.cli.ls",
     "fcvm.cli.snapshot",
+    "fcvm.cli.snapshots",
     "fcvm.cli.gc",
 )
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for root), FCVM_LOG=info|debug (fcvm's own messages on stderr), "
         "FCVM_FIRECRACKER (path to firecracker), FCVM_VMM=auto|firecracker|qemu, "
         "FCVM_ASSETS_DIR (share built guest assets), FCVM_IMAGE_STORE=off (attach image "
-        "archives instead of prebuilt image disks).",
+        "archives instead of prebuilt image disks), FCVM_NO_SNAPSHOT=1 (no image cache), "
+        "FCVM_SNAPSHOT_CACHE_MAX (its size bound, e.g. 10G).",
     )
     parser.add_argument("--version", action="version", version=f"fcvm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,5 +1,5 @@
-"""fcvm snapshot: a command group. Now: serve (the userfaultfd page server) and ls.
-Later: create, run."""
+"""fcvm snapshot: a command group: serve (the userfaultfd page server). (Listing and
+removing snapshots is `fcvm snapshots`, cli/snapshots.py.)"""
 
 from __future__ import annotations
 
@@ -45,9 +45,12 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     s.set_defaults(func=_serve)
 
-    ls = ssub.add_parser("ls", help="list snapshots", description="List snapshots.")
-    ls.add_argument("--json", action="store_true", help="JSON array")
-    ls.set_defaults(func=_ls)
+    from fcvm.cli.snapshots import add_list_arguments, cmd_list
+
+    ls = ssub.add_parser("ls", help="list snapshots (as fcvm snapshots)",
+                         description="List snapshots: the same as `fcvm snapshots`.")  # fmt: skip
+    add_list_arguments(ls)
+    ls.set_defaults(func=cmd_list)
 
 
 def _group_help(p: argparse.ArgumentParser) -> int:
@@ -76,44 +79,4 @@ def _serve(args: argparse.Namespace) -> int:
                    record_workingset=not args.no_record, on_ready=ready)  # fmt: skip
     if not args.json:
         print(f"stopped serving {args.name}", file=sys.stderr)
-    return 0
-
-
-def _ls(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    from fcvm import state
-    from fcvm.snapshot import layout
-
-    servers = {r.extra.get("snapshot"): r for r in state.list_live() if r.kind == "serve"}
-    rows: list[dict[str, Any]] = []
-    for snap, meta in layout.list_snapshots():
-        try:
-            mem = snap.memory.stat().st_size
-        except OSError:
-            mem = 0
-        srv = servers.get(snap.name)
-        rows.append(
-            {
-                "name": snap.name,
-                "complete": meta is not None,
-                "vmm": meta.vmm if meta else "",
-                "memory_bytes": mem,
-                "created": meta.created if meta else None,
-                "served_by_pid": srv.pid if srv else None,
-                "socket": srv.extra.get("socket") if srv else None,
-            }
-        )
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    print(f"{'NAME':24} {'MEMORY':>10} {'CREATED':19} SERVED")
-    for row in rows:
-        created = row["created"]
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-"
-        size = f"{row['memory_bytes'] / (1 << 20):.0f}MiB" if row["memory_bytes"] else "-"
-        name = row["name"] if row["complete"] else f"{row['name']} (incomplete)"
-        served = f"pid {row['served_by_pid']}" if row["served_by_pid"] else "-"
-        print(f"{name:24} {size:>10} {when:19} {served}")
     return 0

@@ -194,8 +194,9 @@ def prune(
     kinds: tuple[str, ...] = CACHE_KINDS,
 ) -> list[str]:
     """Remove cache entries (of kinds) unused for older_than seconds, then the least
-    recently used ones until all of them fit in max_bytes. Never one in use. The names
-    removed."""
+    recently used ones until all of them fit in max_bytes; and always those made with
+    guest assets that are gone (after `fcvm setup` rebuilt them, no run can match them
+    again). Never one in use. The names removed."""
     entries = [e for e in listing() if e.meta is None or e.meta.kind in kinds]
     entries.sort(key=lambda e: e.last_used)
     removed: list[str] = []
@@ -204,7 +205,7 @@ def prune(
     for e in entries:
         too_old = older_than is not None and now - e.last_used > older_than
         too_big = max_bytes is not None and total > max_bytes
-        if not (too_old or too_big) or e.in_use:
+        if not (too_old or too_big or _orphaned(e.meta)) or e.in_use:
             continue
         try:
             store.remove(e.layout.name)
@@ -213,6 +214,13 @@ def prune(
         total -= e.size
         removed.append(e.layout.name)
     return removed
+
+
+def _orphaned(meta: SnapshotMeta | None) -> bool:
+    assets = meta.key_parts.get("assets") if meta is not None else None
+    if not isinstance(assets, list):
+        return False
+    return not all((paths.assets_dir() / str(name)).exists() for name in assets)
 
 
 def enforce_limit() -> list[str]:
