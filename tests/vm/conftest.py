@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.vm.tty import Tmux
 
 TEST_IMAGE = "localhost/fcvm-busybox:latest"
 
@@ -93,3 +94,10 @@ def no_leftovers() -> Iterator[None]:
     leaked_dirs = vm_dirs() - before_dirs
     assert not leaked_procs, f"VMM processes left behind: {leaked_procs}"
     assert not leaked_dirs, f"VM directories left behind: {leaked_dirs}"
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    t = Tmux(f"fcvm-test-{os.getpid()}")
+    yield t
+    t.close()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import fcvm
+from tests.vm.tty import Tmux
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 
@@ -158,50 +159,6 @@ def test_exec_errors(service: str) -> None:
     assert len(gone.stderr.strip().splitlines()) == 1
     empty = fcvm("exec", "--name", service)
     assert empty.returncode == 125 and "no command" in empty.stderr
-
-
-class Tmux:
-    """A real terminal: tmux running a shell, driven by keys, read by screen."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
-        # A tmux server that is already running would give the shell its own (older)
-        # environment: pass fcvm's settings explicitly.
-        env = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("FCVM_") or k == "PATH"]
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30",
-                        *(a for kv in env for a in ("-e", kv)),
-                        "env", "PS1=$ ", "bash", "--norc", "--noprofile"], check=True)  # fmt: skip
-
-    def send(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
-
-    def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name],
-                              capture_output=True, text=True, check=True).stdout  # fmt: skip
-
-    def wait_for(self, text: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if text in screen:
-                return screen
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} never appeared; screen:\n{self.screen()}")
-
-    def resize(self, cols: int, rows: int) -> None:
-        subprocess.run(["tmux", "resize-window", "-t", self.name, "-x", str(cols), "-y",
-                        str(rows)], check=True)  # fmt: skip
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
-
-
-@pytest.fixture
-def tmux() -> Iterator[Tmux]:
-    t = Tmux(f"fcvm-test-{os.getpid()}")
-    yield t
-    t.close()
 
 
 def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> None:

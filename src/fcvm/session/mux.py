@@ -344,7 +344,9 @@ class Session:
                     # A new host on the transport of this quiesced session: the VM was
                     # restored from a snapshot. Hand the transport and its HELLO over.
                     self.takeover_hello = decode_json(frame.payload, "bad HELLO")
-                    self._end("replaced by a new host session", keep_transport=True)
+                    # (debug: on a restore's path, and a console line is slow in a guest)
+                    self._end("replaced by a new host session", level=logging.DEBUG,
+                              keep_transport=True)  # fmt: skip
                     return
                 self._dispatch(frame)
         except ProtocolError as e:
