@@ -1,0 +1,263 @@
+"""Snapshot storage without a VM: the migration-stream splitter on synthetic streams in
+QEMU's format, atomic writers, leases and in-use refusals, validation before restore,
+one writer per cache key, LRU pruning, and private disk copies."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fcvm.snapshot import cache, store
+from fcvm.snapshot.layout import KIND_PRESTART, SnapshotError, SnapshotMeta, layout
+from fcvm.vmm import qemu_stream as qs
+
+pytestmark = pytest.mark.unit
+
+BE32, BE64 = struct.Struct(">I"), struct.Struct(">Q")
+
+
+def idstr(name: bytes) -> bytes:
+    return bytes([len(name)]) + name
+
+
+def entry(offset: int, flags: int, block: bytes | None, data: bytes) -> bytes:
+    word = BE64.pack(offset | flags | (qs.F_CONTINUE if block is None else 0))
+    return word + (idstr(block) if block is not None else b"") + data
+
+
+def stream(with_config: bool = True) -> tuple[bytes, dict[int, bytes]]:
+    """A stream as QEMU writes it: guest RAM "fcvm-ram" (16 KiB) and a ROM "rom" (4 KiB),
+    pages and zero pages of both, sections with footers, then device state."""
+    page_a, page_b, rom = b"A" * 4096, b"B" * 4096, b"R" * 4096
+    out = BE32.pack(qs.MAGIC) + BE32.pack(qs.VERSION)
+    if with_config:
+        out += bytes([qs.CONFIGURATION]) + BE32.pack(7) + b"microvm"
+        out += bytes([qs.SUBSECTION]) + idstr(b"configuration/capabilities") + BE32.pack(1)
+        out += BE32.pack(1) + idstr(b"x-ignore-shared")
+    # START: the block list, EOS, footer
+    out += bytes([qs.SECTION_START]) + BE32.pack(2) + idstr(b"ram") + BE32.pack(0) + BE32.pack(4)
+    out += BE64.pack((16384 + 4096) | qs.F_MEM_SIZE)
+    out += idstr(b"fcvm-ram") + BE64.pack(16384) + idstr(b"rom") + BE64.pack(4096)
+    out += BE64.pack(qs.F_EOS) + bytes([qs.FOOTER]) + BE32.pack(2)
+    # PART: pages of RAM (one with CONTINUE), the ROM between them, a zero page
+    out += bytes([qs.SECTION_PART]) + BE32.pack(2)
+    out += entry(0, qs.F_PAGE, b"fcvm-ram", page_a)
+    out += entry(8192, qs.F_PAGE, None, page_b)
+    out += entry(0, qs.F_PAGE, b"rom", rom)
+    out += entry(4096, qs.F_ZERO, b"fcvm-ram", b"\0")
+    out += BE64.pack(qs.F_EOS) + bytes([qs.FOOTER]) + BE32.pack(2)
+    # END, then device state copied as is
+    out += bytes([qs.SECTION_END]) + BE32.pack(2) + BE64.pack(qs.F_EOS)
+    out += bytes([qs.FOOTER]) + BE32.pack(2)
+    out += b"\x04DEVICE-STATE-WE-DO-NOT-PARSE\x08"
+    return out, {0: page_a, 8192: page_b}
+
+
+def test_split_puts_guest_ram_in_the_file_and_the_rest_in_the_state(tmp_path: Path) -> None:
+    data, pages = stream()
+    mem = tmp_path / "memory"
+    fd = os.open(mem, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 16384)
+    state = io.BytesIO()
+    stats = qs.split(io.BytesIO(data), state, fd, b"fcvm-ram")
+    os.close(fd)
+    assert (stats.pages, stats.zero_pages) == (2, 1)
+    raw = mem.read_bytes()
+    assert raw[0:4096] == pages[0] and raw[8192:12288] == pages[8192]
+    assert raw[4096:8192] == bytes(4096) and raw[12288:] == bytes(4096)
+    out = state.getvalue()
+    assert b"A" * 4096 not in out and b"B" * 4096 not in out  # RAM pages are gone...
+    # ... the ROM's page stays, and names its block (no CONTINUE across a dropped entry)
+    assert entry(0, qs.F_PAGE, b"rom", b"R" * 4096) in out
+    assert out.endswith(b"\x04DEVICE-STATE-WE-DO-NOT-PARSE\x08")
+    assert stats.state_bytes == len(out)
+    # The output is itself a well-formed stream: splitting it again changes nothing.
+    again = io.BytesIO()
+    fd = os.open(tmp_path / "empty", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 16384)
+    assert qs.split(io.BytesIO(out), again, fd, b"fcvm-ram").pages == 0
+    os.close(fd)
+    assert again.getvalue() == out
+
+
+@pytest.mark.parametrize(
+    ("mangle", "reason"),
+    [
+        (lambda b: b[:50], "truncated"),
+        (lambda b: b"XXXX" + b[4:], "not a QEMU migration stream"),
+        (lambda b: b.replace(b"configuration/capabilities", b"configuration/surprises!!"),
+         "unknown configuration subsection"),
+        (lambda b: b.replace(b"\x03ram", b"\x03rum"), "unexpected iterative section"),
+        (lambda b: b.replace(bytes([qs.FOOTER]) + BE32.pack(2), b"\x00" * 5, 1), "no footer"),
+    ],
+)  # fmt: skip
+def test_split_refuses_what_it_does_not_understand(mangle: object, reason: str,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    data, _ = stream()
+    fd = os.open(tmp_path / "m", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(qs.StreamFormatError, match=reason):
+            qs.split(io.BytesIO(mangle(data)), io.BytesIO(), fd, b"fcvm-ram")  # type: ignore[operator]
+    finally:
+        os.close(fd)
+
+
+# -- the store ---------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FCVM_BASE_DIR", str(tmp_path / "base"))
+    return tmp_path / "base"
+
+
+def write(name: str, kind: str = KIND_PRESTART, key: str = "", size: int = 1 << 20) -> SnapshotMeta:
+    with store.writer(name) as w:
+        snap = w.layout
+        with open(snap.memory, "wb") as f:
+            f.truncate(size)
+            f.write(b"x" * 4096)
+        snap.vmstate.write_bytes(os.urandom(1000))
+        meta = SnapshotMeta(name=name, kind=kind, plan_key=key, vmm="qemu", vmm_version="7.2",
+                            accel="tcg")  # fmt: skip
+        w.commit(meta)
+    return meta
+
+
+EXPECT = {"vmm": "qemu", "vmm_version": "7.2", "accel": "tcg"}
+
+
+def test_a_snapshot_appears_whole_or_not_at_all(base: Path) -> None:
+    with store.writer("snap-1") as w:
+        w.layout.memory.write_bytes(b"m")
+        w.layout.vmstate.write_bytes(b"s")
+        assert not layout("snap-1").dir.exists()  # nothing under the name yet
+    assert not layout("snap-1").dir.exists()  # abandoned: gone
+    assert not list((base / "snapshots").iterdir())
+    write("snap-1")
+    assert layout("snap-1").meta.is_file()
+
+
+def test_lookup_validates_before_restoring(base: Path) -> None:
+    key = "ab" * 32
+    name = cache.name_of(key)
+    write(name, key=key)
+    entry = cache.lookup(KIND_PRESTART, key, EXPECT)
+    assert entry is not None and entry.meta.plan_key == key
+    entry.lease.release()
+    assert cache.lookup(KIND_PRESTART, key, {**EXPECT, "vmm_version": "8.0"}) is None
+    assert not layout(name).dir.exists()  # foreign: removed
+    write(name, key=key)
+    layout(name).vmstate.write_bytes(os.urandom(1000))  # same size, other bytes
+    assert cache.lookup(KIND_PRESTART, key, EXPECT) is None
+    write(name, key=key)
+    os.truncate(layout(name).memory, 4096)
+    assert cache.lookup(KIND_PRESTART, key, EXPECT) is None
+    write(name, key=key)
+    assert cache.lookup("startup", key, EXPECT) is None  # another kind under the name
+
+
+def test_in_use_snapshots_are_never_removed(base: Path) -> None:
+    write("held")
+    lease = store.lease("held")
+    assert lease is not None and store.in_use(layout("held"))
+    with pytest.raises(store.SnapshotInUse, match="in use"):
+        store.remove("held")
+    assert cache.prune(max_bytes=0, kinds=(KIND_PRESTART,)) == []
+    lease.release()
+    assert not store.in_use(layout("held"))
+    store.remove("held")
+    with pytest.raises(SnapshotError, match="no snapshot named"):
+        store.remove("held")
+
+
+def test_a_lease_from_another_process_counts(base: Path) -> None:
+    """flock across processes: another fcvm's VM holds it; when it dies, it is free."""
+    write("shared")
+    code = ("from fcvm.snapshot import store; import sys, time; l = store.lease('shared'); "
+            "print('held', flush=True); time.sleep(60)")  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ})  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "held\n"
+        assert store.in_use(layout("shared"))
+    finally:
+        child.kill()
+        child.wait()
+    assert not store.in_use(layout("shared"))  # kill -9 never leaves it "in use"
+
+
+def test_one_writer_per_key(base: Path) -> None:
+    key = "cd" * 32
+    with cache.creator(key) as first:
+        assert first is not None
+        with cache.creator(key) as second:
+            assert second is None  # another run is writing it: this one does not
+    with cache.creator(key) as third:
+        assert third is not None  # (nothing was committed: writable again)
+
+
+def test_prune_by_age_and_lru_size(base: Path) -> None:
+    for i, age in enumerate((300, 200, 100)):
+        write(f"cache-{i}", size=8 << 20)
+        past = time.time() - age
+        layout(f"cache-{i}").last_used.touch()
+        os.utime(layout(f"cache-{i}").last_used, (past, past))
+    write("named-one", kind="named")
+    assert cache.prune(older_than=250) == ["cache-0"]
+    one = store.size_on_disk(layout("cache-1").dir)
+    assert cache.prune(max_bytes=one + 1) == ["cache-1"]  # least recently used first
+    assert [e.layout.name for e in cache.listing()] == ["cache-2", "named-one"]
+
+
+def test_gc_removes_what_a_killed_writer_left(base: Path) -> None:
+    code = ("from fcvm.snapshot import store; import time; w = store.Writer('half'); w.open(); "
+            "print('writing', flush=True); time.sleep(60)")  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "writing\n"
+    assert store.collect_garbage() == []  # still being written
+    child.kill()
+    child.wait()
+    assert [n.startswith(".tmp-half-") for n in store.collect_garbage()] == [True]
+    assert not list((base / "snapshots").iterdir())
+
+
+def test_private_disk_copies_keep_holes(tmp_path: Path) -> None:
+    src = tmp_path / "disk"
+    with open(src, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(5 << 20)
+        f.write(b"data" * 1024)
+    dst = tmp_path / "copy"
+    reflinked = store.copy_disk(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    if not reflinked:  # (ext4 here: a sparse copy)
+        assert dst.stat().st_blocks * 512 < 1 << 20
+    with open(dst, "r+b") as f:
+        f.write(b"private")
+    assert src.read_bytes()[:7] == bytes(7)
+
+
+def test_cache_size_bound_is_configurable(monkeypatch: pytest.MonkeyPatch, base: Path) -> None:
+    assert cache.limit_bytes() == cache.DEFAULT_LIMIT
+    monkeypatch.setenv("FCVM_SNAPSHOT_CACHE_MAX", "512M")
+    assert cache.limit_bytes() == 512 << 20
+    monkeypatch.delenv("FCVM_SNAPSHOT_CACHE_MAX")
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.toml").write_text('snapshot_cache_max = "2G"\n')
+    assert cache.limit_bytes() == 2 << 30
+    from fcvm.errors import UsageError
+
+    with pytest.raises(UsageError, match="malformed size"):
+        cache.parse_size("lots")
+    write("listed")
+    (row,) = [e.to_json() for e in cache.listing()]
+    assert json.loads(json.dumps(row))["name"] == "listed" and row["in_use"] is False
