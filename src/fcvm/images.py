@@ -20,15 +20,12 @@ attached (the reason is logged at info level).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,6 +175,8 @@ def _inspect_host_image(ref: str) -> tuple[str, ImageConfig] | None:
 
 def archive_config(kind: str, path: Path) -> ImageConfig:
     """The image config in an OCI or docker archive (ImageConfig() if unreadable)."""
+    import tarfile  # (imported where used: every run's start pays for a module import)
+
     try:
         with tarfile.open(path) as tar:
 
@@ -217,6 +216,8 @@ def export_host_image(ref: str, image_id: str) -> Path:
 
 
 def _check_archive(kind: str, path: Path) -> None:
+    import tarfile
+
     if not path.exists():
         raise ImageError(f"{kind} not found: {path}")
     if not path.is_file():
@@ -233,6 +234,8 @@ def _check_archive(kind: str, path: Path) -> None:
 
 def archive_ref(kind: str, path: Path) -> str:
     """The image name recorded in an archive, if any (for listings)."""
+    import tarfile
+
     try:
         with tarfile.open(path) as tar:
             if kind == "docker-archive":
@@ -360,6 +363,8 @@ def build_store(key: str, archive: Path, source: str) -> ImageStore:
     ext4, meta_path = store_paths(key)
     tmp_ext4 = ext4.with_name(f"{BUILD_PREFIX}{ext4.name}.{os.getpid()}")
     # podman refuses a runroot longer than 50 characters: keep it short, in /tmp.
+    import tempfile
+
     run = Path(tempfile.mkdtemp(prefix="fcvm-st-", dir="/tmp"))
     try:
         root, image_id, names = _load_private(work, run, archive)
@@ -453,6 +458,8 @@ def _remove_tree(path: Path) -> None:
     """rm -rf, after unmounting anything podman may have left mounted under it."""
     if not path.exists():
         return
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     for point in _mounts_under(path):
         if libc.umount2(point.encode(), _MNT_DETACH) != 0:

@@ -93,7 +93,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
+    _import_asyncio_without_ssl()
     sys.exit(main())
+
+
+def _import_asyncio_without_ssl() -> None:
+    """asyncio imports ssl if it can (~10 ms of every command's start); fcvm never
+    speaks TLS through asyncio. Hide ssl while asyncio loads, then let whoever needs it
+    (httpx, for Firecracker) import it as usual."""
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        del sys.modules["ssl"]
 
 
 if __name__ == "__main__":
