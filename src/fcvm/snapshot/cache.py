@@ -159,6 +159,7 @@ class Listed:
     size: int
     last_used: float
     in_use: bool
+    served_by: int | None = None  # pid of the page server serving it (fcvm snapshot serve)
 
     def to_json(self) -> dict[str, Any]:
         m = self.meta
@@ -172,18 +173,30 @@ class Listed:
             "in_use": self.in_use,
             "vmm": m.vmm if m else "",
             "image": m.workload.get("image", "") if m else "",
-            "memory_bytes": m.memory_size if m else 0,
+            "memory_bytes": _size(self.layout.memory),
+            "served_by_pid": self.served_by,
         }
 
 
+def _size(path: os.PathLike[str]) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def listing() -> list[Listed]:
+    from fcvm import state
+
+    servers = {r.extra.get("snapshot"): r.pid for r in state.list_live() if r.kind == "serve"}
     out = []
     for snap, meta in list_snapshots():
         try:
             used = snap.last_used.stat().st_mtime
         except OSError:
             used = meta.created if meta else 0.0
-        out.append(Listed(snap, meta, store.size_on_disk(snap.dir), used, store.in_use(snap)))
+        out.append(Listed(snap, meta, store.size_on_disk(snap.dir), used, store.in_use(snap),
+                          servers.get(snap.name)))  # fmt: skip
     return out
 
 
