@@ -7,8 +7,9 @@ cached_setup:  `fcvm setup` with current assets (a no-op), wall time per process
 cli:           `fcvm --help` and `fcvm ls` wall time (median of --cli-runs, interleaved)
                against `python -c pass` in the same run (ratio = cli / baseline);
                target_ms is the goal (150 ms), under_target says whether the median is.
-podman_run:    `fcvm podman run --name bench-run-N localhost/fcvm-busybox -- true`, --runs
-               times after one uncounted warm-up: wall time, and the runner's marks
+podman_run:    `fcvm podman run --name bench-run-N localhost/fcvm-busybox -- true`, cold
+               (FCVM_NO_SNAPSHOT=1: every run boots; bench_cache.py measures restores),
+               --runs times after one uncounted warm-up: wall time, and the runner's marks
                ($FCVM_TIMINGS, seconds since the runner's clock started) turned into
                phases (medians and raw samples):
                  cli_startup        process spawn -> runner clock start (derived, below)
@@ -16,9 +17,10 @@ podman_run:    `fcvm podman run --name bench-run-N localhost/fcvm-busybox -- tru
                  network            image-ready -> network-ready
                  vmm_start          network-ready -> vmm-started
                  boot               vmm-started -> agent-ready (kernel, init, agent)
-                 image_load_request agent-ready -> image-load
-                 image_load         image-load -> image-loaded (podman load in the guest)
-                 container_start    image-loaded -> container-started (`podman run` spawned)
+                 image              agent-ready -> image-loaded (image store mounted)
+                 container_create   image-loaded -> container-ready (`podman run -d` with
+                                    the gate as entrypoint, until the gate answers)
+                 container_start    container-ready -> container-started (the gate execs)
                  container_run_exit container-started -> container-exited
                  teardown           timings written -> process exit (VMM stop, network,
                                     state; derived, below)
@@ -59,8 +61,8 @@ MARKS = (
     "network-ready",
     "vmm-started",
     "agent-ready",
-    "image-load",
     "image-loaded",
+    "container-ready",
     "container-started",
     "container-exited",
 )
@@ -69,9 +71,9 @@ PHASES = (  # name, from mark, to mark ("" = runner clock start)
     ("network", "image-ready", "network-ready"),
     ("vmm_start", "network-ready", "vmm-started"),
     ("boot", "vmm-started", "agent-ready"),
-    ("image_load_request", "agent-ready", "image-load"),
-    ("image_load", "image-load", "image-loaded"),
-    ("container_start", "image-loaded", "container-started"),
+    ("image", "agent-ready", "image-loaded"),
+    ("container_create", "image-loaded", "container-ready"),
+    ("container_start", "container-ready", "container-started"),
     ("container_run_exit", "container-started", "container-exited"),
 )
 
@@ -94,7 +96,7 @@ class RunResult:
 def one_run(name: str, timings: Path) -> RunResult | str:
     """One `podman run ... -- true`; a string says why it failed."""
     timings.unlink(missing_ok=True)
-    env = {**os.environ, "FCVM_TIMINGS": str(timings)}
+    env = {**os.environ, "FCVM_TIMINGS": str(timings), "FCVM_NO_SNAPSHOT": "1"}
     argv = [*fcvm_cmd(), "podman", "run", "--name", name, IMAGE, "--", "true"]
     spawn_wall = time.time()
     t0 = time.perf_counter()
