@@ -53,6 +53,8 @@ class VmOptions(TypedDict, total=False):
     env: Mapping[str, str] | Sequence[str]  # {"K": "V"} or ["K=V", ...]
     cpus: int
     mem: int | str  # MiB, or "2G"
+    disk_size: int | str  # the container's storage disk: "8G" (default), or "ram"
+    snapshot: bool  # use and fill the image cache (default True)
     network: str  # "rootless" (default) or "bridged"
     publish: Sequence[str]  # ["8080:80", "127.0.0.1:5353:53/udp"]
     privileged: bool
@@ -159,6 +161,8 @@ def _plan(image: str, command: Command, options: VmOptions, *, interactive: bool
         env=_env(options.get("env")),
         cpus=planning.parse_cpus(str(options.get("cpus", 1))),
         mem_mib=planning.parse_mem(str(options.get("mem", 1024))),
+        disk_size=planning.parse_disk_size(str(options.get("disk_size", "8G"))),
+        snapshot=bool(options.get("snapshot", True)),
         vmm=options.get("vmm") or os.environ.get("FCVM_VMM", "auto"),
         network=network,
         publish=tuple(f.spec() for f in parse_publish(list(options.get("publish", ())))),

@@ -20,6 +20,7 @@ within the plan's stop_timeout (podman's --stop-timeout, 10 s), stops the VM
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ logger = log.get("container")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 IMAGES_DRIVE = "images"  # the prebuilt image store (read-only ext4)
 ARCHIVE_DRIVE = "image-archive"  # the image as an OCI/docker archive (read-only)
+STORAGE_DRIVE = "storage"  # podman's storage: the container's writable layer (private)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class ContainerRun:
         logger.info("vmm: %s (%s) - %s", backend.backend, backend.accel, backend.reason)
         guest_image = images.resolve(plan.image)
         drives: list[DriveSpec] = []
+        if plan.disk_size:
+            drives.append(DriveSpec(STORAGE_DRIVE, read_only=False, blank_size=plan.disk_size))
         if guest_image.store is not None:
             drives.append(DriveSpec(IMAGES_DRIVE, guest_image.store.path))
         if guest_image.archive is not None:
@@ -119,6 +123,10 @@ class ContainerRun:
             drives=tuple(drives),
             image=plan.image.ref,
         )
+        if plan.disk_size:
+            machine = dataclasses.replace(
+                machine, cmdline_extra=(f"fcvm.storage={machine.device(STORAGE_DRIVE)}",)
+            )
         keys = imagecache.keys_for(plan, machine, guest_image)
         self.timings.mark("image-ready")
         return Resolved(machine, image_source(machine, guest_image), guest_image.config, keys)

@@ -82,6 +82,7 @@ def keys_for(plan: RunPlan, spec: MachineSpec, image: GuestImage) -> Keys:
         "network": spec.network,
         "ipv6": _host_ipv6() if spec.network == "rootless" else False,
         "privileged": plan.privileged,
+        "disk_size": plan.disk_size,
     }
     prestart = cache.key_of(parts)
     startup = None
@@ -138,14 +139,14 @@ async def write(machine: Machine, keys: Keys, kind: str, workload: dict[str, Any
         if writer is None:
             return False
         snap = writer.layout
-        await machine.snapshot(SnapshotFiles(snap.memory, snap.vmstate))
+        disks = await machine.snapshot(SnapshotFiles(snap.memory, snap.vmstate))
         meta = SnapshotMeta(
             name=snap.name, kind=kind, plan_key=key, key_parts=keys.parts,
             vmm=spec.backend.backend, vmm_version=keys.expect["vmm_version"],
             accel=spec.backend.accel, mem_mib=spec.mem_mib, cpus=spec.vcpus,
             source_vm=machine.vm_id, machine={"drives": list(spec.drive_names()),
                                               "network": spec.network},
-            workload=workload,
+            workload=workload, disks=disks,
         )  # fmt: skip
         await asyncio.to_thread(writer.commit, meta)
     logger.info("wrote %s snapshot %s", kind, snap.name)

@@ -47,6 +47,7 @@ class RunPlan:
     health_check: str | None = None
     health_timeout: float = 60.0
     stop_timeout: float = 10.0  # after a forwarded signal, seconds until the VM is stopped
+    disk_size: int = 8 << 30  # the container storage disk, bytes (0: in guest RAM)
     snapshot: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -106,6 +107,25 @@ def parse_mem(value: str) -> int:
     if not MIN_MEM_MIB <= mib <= MAX_MEM_MIB:
         raise UsageError(f"--mem {value}: must be between {MIN_MEM_MIB} MiB and 1 TiB")
     return mib
+
+
+MIN_DISK, MAX_DISK = 256 << 20, 64 << 40
+
+
+def parse_disk_size(value: str) -> int:
+    """--disk-size: the container storage disk (sparse: costs what is written), e.g. 8G;
+    0 or "ram" keeps container storage in guest memory instead."""
+    text = value.strip().lower()
+    if text in ("0", "ram"):
+        return 0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", text)
+    if not m:
+        raise UsageError(f"malformed --disk-size {value!r}: expected e.g. 8G, 500M, or ram")
+    size = int(float(m.group(1)) * {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
+                                     "t": 1 << 40}[m.group(2)])  # fmt: skip
+    if not MIN_DISK <= size <= MAX_DISK:
+        raise UsageError(f"--disk-size {value}: must be between 256M and 64T (or ram)")
+    return size
 
 
 def parse_image(value: str) -> ImageSpec:

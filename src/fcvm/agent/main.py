@@ -190,6 +190,7 @@ def main() -> None:
             os.environ.setdefault("HOME", "/root")
             system.mount_basics()
             params = system.read_cmdline()
+            system.mount_storage(params.get("storage"))
             system.set_hostname(params.get("hostname", "fcvm"))
             system.configure_network(params)
             net_params = {k: params[k] for k in identity.NET_KEYS if k in params}

@@ -40,6 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     run.add_argument("--cpu", default="1", metavar="N", help="vCPUs (default 1)")
     run.add_argument("--mem", default="1024", metavar="MiB", help="memory in MiB (default 1024)")
     run.add_argument("--cmd", metavar="'CMD ARGS'", help="command as one shell-quoted string")
+    run.add_argument(
+        "--disk-size",
+        default="8G",
+        metavar="SIZE",
+        help="the container's storage disk (default 8G; sparse: it costs what is written; "
+        "the container gets ENOSPC when full); 'ram' keeps container storage in guest "
+        "memory instead",
+    )
     from fcvm.vmm.registry import names as backends
 
     run.add_argument(
@@ -140,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         env=p.parse_env(args.env),
         cpus=p.parse_cpus(args.cpu),
         mem_mib=p.parse_mem(args.mem),
+        disk_size=p.parse_disk_size(args.disk_size),
         vmm=args.vmm or os.environ.get("FCVM_VMM", "auto"),
         privileged=args.privileged,
         network=args.network,

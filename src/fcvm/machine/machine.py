@@ -218,6 +218,7 @@ class Machine:
         self.phase = Phase.NEW
         self.net: NetworkLike | None = None
         self.vmm: Vmm | None = None
+        self.disks: dict[str, Path] = {}  # writable drive -> this VM's own copy
         self._session: Session | None = None
         self._undo = contextlib.AsyncExitStack()
 
@@ -271,6 +272,7 @@ class Machine:
             records.update(self.record, network=net.record())
             records.add_reaper(self.record, parts.network_reaper())
             self.timings.mark("network-ready")
+        await asyncio.to_thread(self._make_disks)
         vmm = parts.make_vmm(spec.backend, self.vmm_config())
         self.vmm = vmm
         undo.callback(_quietly, "stop the VMM", vmm.stop)  # runs before the network's undo
@@ -314,6 +316,23 @@ class Machine:
             line = exc.line() if isinstance(exc, GuestError | StateError) else str(exc)
             raise RestoreFailed(f"cannot restore snapshot {source.name}: {line}") from exc
 
+    def _make_disks(self) -> None:
+        """Each writable drive's private copy in the VM's directory (removed with it):
+        from the snapshot being restored, else the drive's image, else a blank ext4."""
+        from fcvm.machine import disks
+
+        source = self.restore_source
+        for drive in self.spec.writable_drives():
+            dest = self.workdir / f"disk-{drive.name}"
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            origin = source.disks.get(drive.name) if source is not None else None
+            origin = origin or drive.path
+            if origin is not None:
+                disks.private_copy(origin, dest)
+            else:
+                disks.make_blank(dest, drive.blank_size)
+            self.disks[drive.name] = dest
+
     def _identity(self) -> dict[str, Any]:
         """What a guest restored from a snapshot must take on (agent/identity.py)."""
         msg: dict[str, Any] = {
@@ -325,23 +344,36 @@ class Machine:
             msg["net"] = {**self.net.guest_params(), "mac": self.net.mac}
         return msg
 
-    async def snapshot(self, files: SnapshotFiles) -> None:
+    async def snapshot(self, files: SnapshotFiles) -> dict[str, str]:
         """Write a snapshot of this running VM (it goes on afterwards): both ends of the
-        session quiesced, the VM paused, memory and state saved, resumed."""
+        session quiesced, the VM paused, memory and state saved, each writable disk
+        copied beside them (`disk-NAME`; the VMM has flushed it: it is paused), resumed.
+        Returns drive name -> disk file name in the snapshot's directory."""
         vmm, session = self.vmm, self.session
         assert vmm is not None
         if not vmm.capabilities.snapshot:
             raise vmm._unsupported("take snapshots")
+        from fcvm.machine import disks
+
+        saved: dict[str, str] = {}
+
+        def save() -> None:
+            vmm.save_snapshot(files)
+            for name, path in self.disks.items():
+                saved[name] = f"disk-{name}"
+                disks.private_copy(path, files.state.parent / saved[name])
+
         await session.quiesce()
         try:
             vmm.pause()
             try:
-                await asyncio.to_thread(vmm.save_snapshot, files)
+                await asyncio.to_thread(save)
             finally:
                 vmm.resume()
         finally:
             await session.resume()
         self.timings.mark("snapshot-saved")
+        return saved
 
     def vmm_config(self) -> VmConfig:
         spec, net = self.spec, self.net
@@ -352,7 +384,7 @@ class Machine:
             initrd=spec.initrd,
             vcpus=spec.vcpus,
             mem_mib=spec.mem_mib,
-            drives=spec.vmm_drives(),
+            drives=spec.vmm_drives(self.disks),
             cmdline_extra=(
                 f"fcvm.hostname={spec.name}",
                 *(net.guest_cmdline() if net else ()),

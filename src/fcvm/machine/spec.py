@@ -23,11 +23,21 @@ NETWORK_MODES = ("rootless", "bridged")
 
 @dataclass(frozen=True)
 class DriveSpec:
-    """A disk image for the guest; `name` is how code refers to it (never by letter)."""
+    """A disk for the guest; `name` is how code refers to it (never by letter).
+
+    Read-only: `path` is attached as it is. Writable: the VM gets its own copy of
+    `path`, or with no path a new empty ext4 of `blank_size` bytes (machine/disks.py)."""
 
     name: str
-    path: Path
+    path: Path | None = None
     read_only: bool = True
+    blank_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.read_only and self.path is None:
+            raise UsageError(f"read-only drive {self.name!r} needs an image")
+        if not self.read_only and self.path is None and self.blank_size <= 0:
+            raise UsageError(f"writable drive {self.name!r} needs an image or a size")
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,17 @@ class MachineSpec:
             raise KeyError(f"no drive named {name!r}") from None
         return f"/dev/vd{string.ascii_lowercase[index]}"
 
-    def vmm_drives(self) -> tuple[Drive, ...]:
-        """The drives as the VMM attaches them, root first."""
+    def writable_drives(self) -> tuple[DriveSpec, ...]:
+        return tuple(d for d in self.drives if not d.read_only)
+
+    def vmm_drives(self, private: dict[str, Path] | None = None) -> tuple[Drive, ...]:
+        """The drives as the VMM attaches them, root first; writable ones at their
+        private copies (private: name -> path)."""
         root = Drive(ROOT_DRIVE, self.rootfs, read_only=True, is_root=True)
-        return (root, *(Drive(d.name, d.path, read_only=d.read_only) for d in self.drives))
+        out = [root]
+        for d in self.drives:
+            path = (private or {}).get(d.name) if not d.read_only else d.path
+            if path is None:
+                raise UsageError(f"drive {d.name!r} has no private copy yet")
+            out.append(Drive(d.name, path, read_only=d.read_only))
+        return tuple(out)
