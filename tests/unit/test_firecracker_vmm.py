@@ -670,6 +670,11 @@ def files_in(directory: Path) -> SnapshotFiles:
 
 @pytest.fixture
 def standin_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return standin_environment(tmp_path, monkeypatch)
+
+
+def standin_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The environment the stand-in processes read; returns the request record."""
     record = tmp_path / "requests.jsonl"
     monkeypatch.setenv("FCVM_STANDIN_RECORD", str(record))
     (tmp_path / "memdump").mkdir()
