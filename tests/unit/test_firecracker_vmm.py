@@ -313,18 +313,29 @@ class Standin:
         for p in zeroed:
             self._set_page(p, bytes(PAGE))
         self._set_page(partial, f"{self.vm_id} run {self.runs}".encode(), offset=100)
-        self._record({"method": "GUEST", "path": "writes",
-                      "body": {"run": self.runs, "pages": sorted({*writes, *zeroed, partial})}})
-        self.cond.notify_all()  # fmt: skip
+        self._record(
+            {
+                "method": "GUEST",
+                "path": "writes",
+                "body": {"run": self.runs, "pages": sorted({*writes, *zeroed, partial})},
+            }
+        )
+        self.cond.notify_all()
 
     # -- snapshots ----------------------------------------------------------------
 
     def _create(self, body: Any, kind: str) -> tuple[int, dict[str, Any] | None]:
         assert self.mem is not None
         try:
-            state = {"standin_vmstate": 1, "from_vm": self.vm_id, "mem_size_mib": self.mem_mib,
-                     "vcpu_count": self.vcpus, "vsock_uds": self.vsock_uds, "net": self.net}
-            Path(body["snapshot_path"]).write_text(json.dumps(state))  # fmt: skip
+            state = {
+                "standin_vmstate": 1,
+                "from_vm": self.vm_id,
+                "mem_size_mib": self.mem_mib,
+                "vcpu_count": self.vcpus,
+                "vsock_uds": self.vsock_uds,
+                "net": self.net,
+            }
+            Path(body["snapshot_path"]).write_text(json.dumps(state))
             self._write_memory(Path(body["mem_file_path"]), kind)
         except OSError as exc:
             return fault(f"Create snapshot error: Cannot perform open on the memory backing "
@@ -1151,8 +1162,9 @@ def _restored(vms: Vms, **kw: Any) -> tuple[FirecrackerVmm, SnapshotFiles]:
     return b, s0
 
 
-def _save(vms: Vms, vmm: FirecrackerVmm, base: SnapshotFiles | None) -> tuple[list[str],
-                                                                           SnapshotFiles]:
+def _save(
+    vms: Vms, vmm: FirecrackerVmm, base: SnapshotFiles | None
+) -> tuple[list[str], SnapshotFiles]:
     """save_snapshot into new files: the snapshot types sent, and the files (checked to
     be the guest's whole memory, with no temporary diff left)."""
     n = len(vms.requests())
