@@ -733,7 +733,8 @@ class Vms:
 
 
 @pytest.fixture
-def vms(tmp_path: Path, standin_env: Path) -> Any:
+def vms(tmp_path: Path, standin_env: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("FCVM_STANDIN_DELAY", "0")  # (many VMs: no late socket here)
     v = Vms(tmp_path, standin_env)
     try:
         yield v
