@@ -153,6 +153,24 @@ CASES: dict[str, ApiRequest] = {
         network_overrides={"eth0": "tap-c2", "eth1": "tap-c2b"},
         vsock_override=P("/run/c2/v.sock"),
     ),
+    "snapshot-load-restore-file": fc_api.snapshot_load_request(
+        P("/s/vmstate"),
+        P("/s/memory"),
+        resume_vm=False,
+        track_dirty_pages=True,
+        network_overrides={"eth0": "tap-r1"},
+        vsock_override=P("/run/r1/v.sock"),
+        clock_realtime=True,
+    ),
+    "snapshot-load-restore-uffd": fc_api.snapshot_load_request(
+        P("/s/vmstate"),
+        P("/var/lib/fcvm/serve/snap.sock"),
+        mem_backend_type="Uffd",
+        resume_vm=False,
+        track_dirty_pages=True,
+        vsock_override=P("/run/r2/v.sock"),
+        clock_realtime=True,
+    ),
     "instance-info": fc_api.instance_info_request(),
 }
 
@@ -183,6 +201,50 @@ def test_every_boot_request_matches_firecracker_api(net: bool, console: bool) ->
     assert drives == ["root", "image", "scratch"]  # root first, then in order
     rw = {r.body["drive_id"]: r.body["is_read_only"] for r in reqs if r.path.startswith("/dri")}
     assert rw == {"root": True, "image": True, "scratch": False}
+
+
+@pytest.mark.parametrize("backend", ["File", "Uffd"])
+@pytest.mark.parametrize("resume_vm", [False, True])
+@pytest.mark.parametrize("track", [False, True])
+@pytest.mark.parametrize("clock", [False, True])
+@pytest.mark.parametrize("nets", [0, 1, 2])
+@pytest.mark.parametrize("vsock", [False, True])
+def test_every_snapshot_load_option_matches_firecracker_api(
+    backend: fc_api.MemBackendType, resume_vm: bool, track: bool, clock: bool, nets: int,
+    vsock: bool,
+) -> None:  # fmt: skip
+    """Every combination of snapshot_load_request's options is a valid body, and each
+    option appears in it exactly as set."""
+    overrides = {f"eth{i}": f"tap-x{i}" for i in range(nets)}
+    req = fc_api.snapshot_load_request(
+        P("/s/vmstate"),
+        P("/s/mem"),
+        mem_backend_type=backend,
+        resume_vm=resume_vm,
+        track_dirty_pages=track,
+        network_overrides=overrides,
+        vsock_override=P("/run/v.sock") if vsock else None,
+        clock_realtime=clock,
+    )
+    validate(req)
+    body = req.body or {}
+    assert body["mem_backend"] == {"backend_type": backend, "backend_path": "/s/mem"}
+    assert "mem_file_path" not in body  # deprecated, and exclusive with mem_backend
+    assert body["resume_vm"] is resume_vm
+    assert body.get("track_dirty_pages", False) is track
+    assert "enable_diff_snapshots" not in body  # the deprecated name of the same thing
+    assert body.get("clock_realtime", False) is clock
+    assert body.get("network_overrides", []) == [
+        {"iface_id": i, "host_dev_name": t} for i, t in overrides.items()
+    ]
+    assert ("vsock_override" in body) is vsock
+
+
+@pytest.mark.parametrize("kind", ["Full", "Diff"])
+def test_snapshot_create_matches_firecracker_api(kind: fc_api.SnapshotType) -> None:
+    req = fc_api.snapshot_create_request(P("/s/m"), P("/s/v"), kind)
+    validate(req)
+    assert req.body == {"snapshot_type": kind, "snapshot_path": "/s/v", "mem_file_path": "/s/m"}
 
 
 def test_every_builder_is_covered() -> None:
@@ -250,6 +312,19 @@ def test_boot_args() -> None:
         ),
         (ApiRequest("PUT", "/drives/root", {"drive_id": "other", "is_root_device": True}), ""),
         (ApiRequest("GET", "/", {"x": 1}), "takes no body"),
+        (
+            ApiRequest("PUT", "/snapshot/load", {"snapshot_path": "/s", "clock_real_time": True}),
+            "Additional properties",
+        ),
+        (ApiRequest("PUT", "/snapshot/load", {"snapshot_path": "/s", "resume_vm": "no"}), "bool"),
+        (
+            ApiRequest(
+                "PUT",
+                "/snapshot/create",
+                {"snapshot_path": "/s", "mem_file_path": "/m", "snapshot_type": "Incremental"},
+            ),
+            "is not one of",
+        ),
     ],
 )
 def test_validator_rejects_wrong_requests(req: ApiRequest, fragment: str) -> None:

@@ -151,8 +151,13 @@ def snapshot_load_request(
     track_dirty_pages: bool = False,
     network_overrides: Mapping[str, str] | None = None,
     vsock_override: Path | None = None,
+    clock_realtime: bool = False,
 ) -> ApiRequest:
-    """mem_backend_path: the memory file (File) or the page server's Unix socket (Uffd)."""
+    """mem_backend_path: the memory file (File, mapped privately) or the page server's
+    Unix socket (Uffd). resume_vm false leaves the loaded VM paused. track_dirty_pages:
+    Diff snapshots can be taken of the loaded VM (it is not saved in a snapshot, so a
+    load must ask again). network_overrides: iface_id -> this VM's TAP. clock_realtime
+    (x86_64): kvmclock advanced by the wall-clock time since the snapshot."""
     body: dict[str, Any] = {
         "snapshot_path": str(state_path),
         "mem_backend": {"backend_type": mem_backend_type, "backend_path": str(mem_backend_path)},
@@ -166,6 +171,8 @@ def snapshot_load_request(
         ]
     if vsock_override is not None:
         body["vsock_override"] = {"uds_path": str(vsock_override)}
+    if clock_realtime:
+        body["clock_realtime"] = True
     return ApiRequest("PUT", "/snapshot/load", body)
 
 
