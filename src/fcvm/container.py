@@ -270,10 +270,22 @@ class ContainerRun:
             if self.on_process is not None:
                 self.on_process(proc)
 
+        from fcvm.remote import SessionLost
+
         try:
-            code = await run_remote(
-                machine.session, spec, self.stdio, on_event=on_event, on_start=started
-            )
+            while True:
+                reconnects = machine.reconnects
+                try:
+                    code = await run_remote(
+                        machine.session, spec, self.stdio, on_event=on_event, on_start=started
+                    )
+                    break
+                except SessionLost:
+                    if machine.reconnects == reconnects:
+                        raise
+                    # A snapshot reset the agent's connection (Firecracker) and the
+                    # Machine connected anew: the container runs on; attach again.
+                    logger.info("reattaching to the container after a snapshot")
         finally:
             if self._startup is not None and not self._startup.done():
                 self._startup.cancel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from fcvm import log
@@ -53,7 +54,7 @@ async def _join(client_ch: Channel, vm_ch: Channel) -> None:
 
 
 async def _serve_client(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, vm: Session
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, vm_session: Callable[[], Session]
 ) -> None:
     client = Session(reader, writer, role="agent")
     joins: set[asyncio.Task[None]] = set()
@@ -74,7 +75,7 @@ async def _serve_client(
                     for fd, cid in dict(meta.get("stdio", {})).items()
                     if int(cid) in opened
                 }
-            vm_ch = await vm.open_channel(meta)
+            vm_ch = await vm_session().open_channel(meta)
             opened[ch.id] = vm_ch
             task = asyncio.create_task(_join(ch, vm_ch))
             joins.add(task)
@@ -99,8 +100,12 @@ async def _refuse(ch: Channel, message: str) -> None:
         await ch.close()
 
 
-async def start_relay(path: Path, vm: Session) -> asyncio.Server:
+async def start_relay(path: Path, vm: Session | Callable[[], Session]) -> asyncio.Server:
+    """Serve clients on path; vm is the VM's session, or a function returning the current
+    one (a Machine may connect anew after a snapshot)."""
+    vm_session = vm if callable(vm) else (lambda: vm)
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_client(reader, writer, vm)
+        await _serve_client(reader, writer, vm_session)
 
     return await asyncio.start_unix_server(handle, path=str(path))

@@ -162,6 +162,7 @@ def fake_parts(log: Log) -> tuple[Parts, dict[str, Any]]:
         return FakeSession(log)
 
     async def start_control(path: Path, session: Any) -> Any:
+        assert callable(session)
         await log.make("control")
         return FakeControl(log)
 
@@ -315,17 +316,47 @@ def test_supervise_reports_a_dead_vmm_as_the_cause(tmp_path: Path) -> None:
 
 
 def test_drives_get_their_devices_in_one_place(tmp_path: Path) -> None:
-    s = spec(tmp_path, drives=(DriveSpec("storage", tmp_path / "d", read_only=False),
+    s = spec(tmp_path, drives=(DriveSpec("storage", read_only=False, blank_size=1 << 30),
                                DriveSpec("images", tmp_path / "s")))  # fmt: skip
     assert [s.device(n) for n in ("root", "storage", "images")] == [
         "/dev/vda", "/dev/vdb", "/dev/vdc"
     ]  # fmt: skip
-    drives = s.vmm_drives()
-    assert [(d.drive_id, d.is_root, d.read_only) for d in drives] == [
-        ("root", True, True), ("storage", False, False), ("images", False, True),
+    private = {"storage": tmp_path / "vm" / "disk-storage"}
+    drives = s.vmm_drives(private)
+    assert [(d.drive_id, d.path, d.is_root, d.read_only) for d in drives] == [
+        ("root", tmp_path / "r", True, True),
+        ("storage", private["storage"], False, False),  # the VM's own copy, never the image
+        ("images", tmp_path / "s", False, True),
     ]  # fmt: skip
     with pytest.raises(KeyError):
         s.device("nope")
+    from fcvm.errors import UsageError
+
+    with pytest.raises(UsageError, match="no private copy"):
+        s.vmm_drives()
+    with pytest.raises(UsageError, match="needs an image or a size"):
+        DriveSpec("scratch", read_only=False)
+
+
+def test_writable_drives_are_private_and_blank_ones_are_made_fast(tmp_path: Path) -> None:
+    import time
+
+    from fcvm.machine import disks
+
+    blank = tmp_path / "blank"
+    t0 = time.monotonic()
+    disks.make_blank(blank, 100 << 30)  # 100 GiB, sparse
+    assert time.monotonic() - t0 < 5  # (bench/ times it; this says "not a real write")
+    assert blank.stat().st_size == 100 << 30 and blank.stat().st_blocks * 512 < 64 << 20
+    copy = tmp_path / "copy"
+    disks.private_copy(blank, copy)
+    assert copy.stat().st_size == blank.stat().st_size
+    with open(copy, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"mine")
+    with open(blank, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(4) != b"mine"
 
 
 def test_supervise_reports_a_dead_network_helper(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def _no_session(vmm: Vmm, exc: BaseException, timeout: float) -> GuestError:
     return GuestError(f"no session with the guest agent: {exc}", hint=vmm.failure_detail() or None)
 
 
-async def _start_control(path: Path, session: Session) -> Closable:
+async def _start_control(path: Path, session: Callable[[], Session]) -> Closable:
     from fcvm.relay import start_relay
 
     return await start_relay(path, session)
@@ -180,7 +180,7 @@ class Parts:
     network_reaper: Callable[[], state.Reaper] = _reap_network
     make_vmm: Callable[[Choice, VmConfig], Vmm] = _make_vmm
     open_session: Callable[..., Awaitable[Session]] = open_agent_session
-    start_control: Callable[[Path, Session], Awaitable[Closable]] = _start_control
+    start_control: Callable[[Path, Callable[[], Session]], Awaitable[Closable]] = _start_control
 
 
 class Phase(enum.Enum):
@@ -219,6 +219,7 @@ class Machine:
         self.net: NetworkLike | None = None
         self.vmm: Vmm | None = None
         self.disks: dict[str, Path] = {}  # writable drive -> this VM's own copy
+        self.reconnects = 0  # sessions opened anew after a snapshot (see snapshot())
         self._session: Session | None = None
         self._undo = contextlib.AsyncExitStack()
 
@@ -286,7 +287,7 @@ class Machine:
         else:
             session = await self._restore(vmm, self.restore_source)
         self.timings.mark("agent-ready")
-        control = await parts.start_control(paths.exec_socket(self.vm_id), session)
+        control = await parts.start_control(paths.exec_socket(self.vm_id), lambda: self.session)
         undo.callback(_quietly, "close the control socket", control.close)
         records.update(self.record, status="running")
 
@@ -356,9 +357,10 @@ class Machine:
         from fcvm.machine import disks
 
         saved: dict[str, str] = {}
+        base = self.restore_source.files if self.restore_source is not None else None
 
         def save() -> None:
-            vmm.save_snapshot(files)
+            vmm.save_snapshot(files, base=base)
             for name, path in self.disks.items():
                 saved[name] = f"disk-{name}"
                 disks.private_copy(path, files.state.parent / saved[name])
@@ -371,9 +373,24 @@ class Machine:
             finally:
                 vmm.resume()
         finally:
-            await session.resume()
+            if vmm.capabilities.agent_survives_snapshot:
+                await session.resume()
+            else:
+                await self._reconnect(session)
         self.timings.mark("snapshot-saved")
         return saved
+
+    async def _reconnect(self, old: Session) -> None:
+        """The backend reset the agent's connection at the snapshot (Firecracker): the
+        quiesced agent waits for a host, as after a restore; this one connects anew.
+        Channels of the old session are gone: callers attached to the container
+        attach again (`reconnects` says that happened)."""
+        await old.close()
+        assert self.vmm is not None
+        session = await self.parts.open_session(self.vmm, RESTORE_TIMEOUT, False)
+        self._session = session
+        self._undo.push_async_callback(_quietly_async, "close the session", session.close)
+        self.reconnects += 1
 
     def vmm_config(self) -> VmConfig:
         spec, net = self.spec, self.net

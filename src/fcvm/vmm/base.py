@@ -72,6 +72,9 @@ class Capabilities:
     accel: Accel  # how the guest's CPU runs
     snapshot: bool = False  # pause() / resume() / save a snapshot
     restore: bool = False  # start from a saved snapshot instead of booting
+    # Whether the agent's connection survives taking a snapshot (Firecracker resets
+    # vsock connections at every snapshot/create: the host then connects anew).
+    agent_survives_snapshot: bool = True
 
 
 class NotSupported(VmmUnavailable):
@@ -150,7 +153,9 @@ class Vmm(ABC):
     def restore(self, files: SnapshotFiles) -> None:
         """Instead of start(): launch the VMM with the snapshot's memory mapped privately
         (the snapshot's files are never written) and its state loaded. Returns with the
-        VM paused, so the caller can connect to the agent first; then resume()."""
+        VM paused, so the caller can connect to the agent first; then resume(). (Where
+        the agent cannot be reached while paused - Firecracker's vsock - open_agent_stream
+        resumes the VM itself, and resume() is then a no-op.)"""
         raise self._unsupported("restore snapshots")
 
     def _unsupported(self, what: str) -> NotSupported:

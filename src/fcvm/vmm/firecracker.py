@@ -199,7 +199,8 @@ class FirecrackerVmm(process.ProcessVmm):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(accel="kvm", snapshot=True, restore=True)
+        return Capabilities(accel="kvm", snapshot=True, restore=True,
+                            agent_survives_snapshot=False)  # fmt: skip
 
     def binary(self) -> Path:
         if self._binary is not None:
