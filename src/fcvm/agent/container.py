@@ -49,7 +49,8 @@ GATE_VERSION = 1
 GATE_TTY = 1
 GATE_TIMEOUT = 60.0  # podman run -d until the gate says hello
 EXIT_DIR = "/run/libpod/exits"  # conmon's --exit-dir for rootful podman
-RUNROOT = "/run/containers/storage"
+RUNROOT = "/run/containers/storage"  # podman's runroot: the hostname/hosts/resolv.conf
+GRAPHROOT = "/var/lib/containers/storage"  # and its graphroot: the bundle's config.json
 OUTPUT_DRAIN_SECONDS = 5.0
 HEALTH_POLL_SECONDS = 0.5
 
@@ -136,6 +137,9 @@ class Container:
         self._spec: ProcessSpec | None = None
         self.entrypoint: tuple[str, ...] = ()
         self.cmd: tuple[str, ...] = ()
+        # The container's process environment as podman made it (config.json): what
+        # `crun exec` starts from (its --env replaces rather than adds).
+        self.config_env: tuple[tuple[str, str], ...] = ()
 
     # -- files podman made for the container (rewritten by identity.py) -----------
 
@@ -161,6 +165,10 @@ class Container:
             await self._image_config(setup, ref)
             await phase("container-create")
             await self._create(setup, ref)
+            self.config_env = _config_env(
+                os.path.join(GRAPHROOT, "overlay-containers", self.container_id, "userdata",
+                             "config.json")
+            )  # fmt: skip
             warm_page_cache(self.pid, command_line(self.entrypoint, self.cmd, ()))
             self.state = State.GATED
             await ch.send_json({"event": p.EV_READY, "container": self.container_id,
@@ -520,6 +528,46 @@ def _elf_interpreter(path: str) -> str | None:
     except (OSError, struct.error, IndexError):
         return None
     return None
+
+
+def _config_env(path: str) -> tuple[tuple[str, str], ...]:
+    try:
+        with open(path) as f:
+            env = json.load(f).get("process", {}).get("env", [])
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return tuple(tuple(e.split("=", 1)) for e in env if isinstance(e, str) and "=" in e)  # type: ignore[misc]
+
+
+def resolve_user(pid: int, user: str) -> str:
+    """podman's --user for crun: "name", "uid", "name:group", "uid:gid" -> "UID:GID", from
+    the container's /etc/passwd and /etc/group (through /proc/PID/root); a user's group
+    is its primary one, and a uid with no entry gets gid 0, as podman does."""
+    name, _, group = user.partition(":")
+
+    def entry(file: str, key: str) -> list[str] | None:
+        try:
+            with open(f"/proc/{pid}/root/etc/{file}") as f:
+                for line in f:
+                    fields = line.rstrip("\n").split(":")
+                    if len(fields) >= 3 and key in (fields[0], fields[2]):
+                        return fields
+        except OSError:
+            pass
+        return None
+
+    found = entry("passwd", name)
+    if found is None and not name.isdigit():
+        raise ProcError(f"unable to find user {name}: no matching entries in passwd file", 125)
+    uid = int(name) if name.isdigit() else int(found[2]) if found else 0
+    gid = int(found[3]) if found and len(found) > 3 and found[3].isdigit() else 0
+    if group:
+        g = entry("group", group)
+        if g is None and not group.isdigit():
+            raise ProcError(f"unable to find group {group}: no matching entries in group file",
+                            125)  # fmt: skip
+        gid = int(group) if group.isdigit() else int(g[2]) if g else 0
+    return f"{uid}:{gid}"
 
 
 def zombie_status(pid: int) -> int | None:

@@ -100,7 +100,7 @@ class Agent:
         if spec.mode == p.MODE_CONTAINER:
             await self.container.run(ch, stdio, spec)
         else:
-            await run_proc(ch, stdio, self.reaper, spec, self.container.exec_env)
+            await run_proc(ch, stdio, self.reaper, spec, self.container)
 
     async def _prepare(self, ch: Channel) -> None:
         try:
