@@ -196,7 +196,7 @@ class ContainerRun:
             try:
                 code = await self._in_machine(Machine(
                     resolved.machine, restore=imagecache.restore_source(entry),
-                    timings=self.timings), resolved, entry.meta.kind)  # fmt: skip
+                    timings=self.timings), keys, entry.meta.kind)  # fmt: skip
                 entry.lease.release()
                 return code
             except RestoreFailed as exc:
@@ -206,22 +206,24 @@ class ContainerRun:
                 entry.lease.release()
                 raise
         return await self._in_machine(
-            Machine(resolved.machine, timings=self.timings), resolved, None
+            Machine(resolved.machine, timings=self.timings), keys, None
         )
 
-    async def _in_machine(self, machine: Machine, resolved: Resolved, restored: str | None) -> int:
+    async def _in_machine(self, machine: Machine, keys: imagecache.Keys, restored: str | None
+                          ) -> int:  # fmt: skip
         """Boot (restored None) or restore the machine, run the container in it, stop it.
 
         Booted: the container is prepared, and the first run of a key snapshots it right
         there (prestart). Restored from a prestart snapshot, the container is started;
-        from a startup snapshot it runs already and is attached to."""
+        from a startup (or a named) snapshot it runs already and is attached to."""
         async with machine:
             self.machine = machine
+            machine.workload = self._workload_info()
             if self.on_machine is not None:
                 self.on_machine(machine)
-            keys = resolved.keys
             if restored is None:
-                setup = self.container_setup(resolved, machine.proxy_env())
+                assert self._resolved is not None
+                setup = self.container_setup(self._resolved, machine.proxy_env())
                 await machine.supervise(self._prepare(machine, setup))
                 if keys.prestart is not None and machine.vmm and machine.vmm.capabilities.snapshot:
                     await imagecache.write(machine, keys, KIND_PRESTART, self._workload_info())
@@ -232,8 +234,11 @@ class ContainerRun:
         return code
 
     def _workload_info(self) -> dict[str, Any]:
+        """For snapshots' metadata: what runs in the VM (a clone attaches to it)."""
         plan = self.plan
-        return {"image": plan.image.ref, "command": list(plan.command)}
+        return {"kind": "container", "image": plan.image.ref, "command": list(plan.command),
+                "tty": plan.tty, "interactive": plan.interactive,
+                "health_check": plan.health_check}  # fmt: skip
 
     def _on_phase(self, event: dict[str, Any]) -> None:
         if event.get("event") == p.EV_PHASE:

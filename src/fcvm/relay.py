@@ -19,6 +19,7 @@ from fcvm import log
 from fcvm.agent import protocol as p
 from fcvm.agent.spec import ProcessSpec, SpecError
 from fcvm.session import Channel, Session, SessionClosed
+from fcvm.session.control import Handler
 
 logger = log.get("relay")
 
@@ -54,9 +55,14 @@ async def _join(client_ch: Channel, vm_ch: Channel) -> None:
 
 
 async def _serve_client(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, vm_session: Callable[[], Session]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    vm_session: Callable[[], Session],
+    on_request: Handler | None,
 ) -> None:
     client = Session(reader, writer, role="agent")
+    if on_request is not None:
+        client.requests.serve(on_request)  # (e.g. `fcvm snapshot create`: the owner's job)
     joins: set[asyncio.Task[None]] = set()
     opened: dict[int, Channel] = {}  # client channel id -> VM channel
     try:
@@ -100,12 +106,15 @@ async def _refuse(ch: Channel, message: str) -> None:
         await ch.close()
 
 
-async def start_relay(path: Path, vm: Session | Callable[[], Session]) -> asyncio.Server:
+async def start_relay(
+    path: Path, vm: Session | Callable[[], Session], on_request: Handler | None = None
+) -> asyncio.Server:
     """Serve clients on path; vm is the VM's session, or a function returning the current
-    one (a Machine may connect anew after a snapshot)."""
+    one (a Machine may connect anew after a snapshot). A client's control requests go
+    to on_request (the owner of the VM answers them itself)."""
     vm_session = vm if callable(vm) else (lambda: vm)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_client(reader, writer, vm_session)
+        await _serve_client(reader, writer, vm_session, on_request)
 
     return await asyncio.start_unix_server(handle, path=str(path))

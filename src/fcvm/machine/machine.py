@@ -119,6 +119,9 @@ class RestoreSource:
     name: str
     files: SnapshotFiles
     disks: dict[str, Path] = field(default_factory=dict)  # writable drive -> its copy
+    # The page server the VM's memory comes from (files.page_server), which the VM then
+    # depends on: (pid, vm_id of its record) - see Machine.failure().
+    page_server: tuple[int, str] | None = None
 
 
 async def open_agent_session(
@@ -159,10 +162,12 @@ def _no_session(vmm: Vmm, exc: BaseException, timeout: float) -> GuestError:
     return GuestError(f"no session with the guest agent: {exc}", hint=vmm.failure_detail() or None)
 
 
-async def _start_control(path: Path, session: Callable[[], Session]) -> Closable:
+async def _start_control(
+    path: Path, session: Callable[[], Session], on_request: Any = None
+) -> Closable:
     from fcvm.relay import start_relay
 
-    return await start_relay(path, session)
+    return await start_relay(path, session, on_request)
 
 
 def _make_vmm(choice: Choice, config: VmConfig) -> Vmm:
@@ -180,7 +185,7 @@ class Parts:
     network_reaper: Callable[[], state.Reaper] = _reap_network
     make_vmm: Callable[[Choice, VmConfig], Vmm] = _make_vmm
     open_session: Callable[..., Awaitable[Session]] = open_agent_session
-    start_control: Callable[[Path, Callable[[], Session]], Awaitable[Closable]] = _start_control
+    start_control: Callable[..., Awaitable[Closable]] = _start_control
 
 
 class Phase(enum.Enum):
@@ -219,7 +224,10 @@ class Machine:
         self.net: NetworkLike | None = None
         self.vmm: Vmm | None = None
         self.disks: dict[str, Path] = {}  # writable drive -> this VM's own copy
+        self.reflinked_disks: dict[str, bool] = {}  # ... and whether its last copy was one
         self.reconnects = 0  # sessions opened anew after a snapshot (see snapshot())
+        # What runs in the VM, for snapshots' metadata (the workload sets it).
+        self.workload: dict[str, Any] = {}
         self._session: Session | None = None
         self._undo = contextlib.AsyncExitStack()
 
@@ -287,7 +295,9 @@ class Machine:
         else:
             session = await self._restore(vmm, self.restore_source)
         self.timings.mark("agent-ready")
-        control = await parts.start_control(paths.exec_socket(self.vm_id), lambda: self.session)
+        control = await parts.start_control(
+            paths.exec_socket(self.vm_id), lambda: self.session, self._client_request
+        )
         undo.callback(_quietly, "close the control socket", control.close)
         records.update(self.record, status="running")
 
@@ -363,7 +373,9 @@ class Machine:
             vmm.save_snapshot(files, base=base)
             for name, path in self.disks.items():
                 saved[name] = f"disk-{name}"
-                disks.private_copy(path, files.state.parent / saved[name])
+                self.reflinked_disks[name] = disks.private_copy(
+                    path, files.state.parent / saved[name]
+                )
 
         await session.quiesce()
         try:
@@ -379,6 +391,50 @@ class Machine:
                 await self._reconnect(session)
         self.timings.mark("snapshot-saved")
         return saved
+
+    async def _client_request(self, op: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A control-socket client's request, answered here (the owner's job)."""
+        from fcvm.session.control import RequestFailed
+
+        if op == "snapshot":
+            try:
+                return await self.save_named(str(msg.get("name", "")))
+            except GuestError as exc:  # (the FcvmError family: its one line goes back)
+                raise RequestFailed(exc.line()) from None
+            except StateError as exc:
+                raise RequestFailed(exc.line()) from None
+        raise RequestFailed(f"unknown request {op!r}")
+
+    async def save_named(self, name: str) -> dict[str, Any]:
+        """`fcvm snapshot create`: a named snapshot of this VM (it goes on running)."""
+        from fcvm.errors import FcvmError
+        from fcvm.snapshot import store
+        from fcvm.snapshot.layout import KIND_NAMED, SnapshotMeta, layout, validate_name
+        from fcvm.vmm import registry
+
+        try:
+            snap = layout(validate_name(name))
+            if snap.dir.exists():
+                raise StateError(f"a snapshot named {name!r} exists already",
+                                 hint="remove it with fcvm snapshots rm, or pick another name")
+            t0 = time.monotonic()
+            with store.writer(name) as writer:
+                files = SnapshotFiles(writer.layout.memory, writer.layout.vmstate)
+                disks = await self.snapshot(files)
+                spec = self.spec
+                meta = SnapshotMeta(
+                    name=name, kind=KIND_NAMED, vmm=spec.backend.backend,
+                    vmm_version=registry.load(spec.backend.backend).version(),
+                    accel=spec.backend.accel, mem_mib=spec.mem_mib, cpus=spec.vcpus,
+                    source_vm=self.vm_id, machine=spec.hardware(), workload=self.workload,
+                    disks=disks,
+                )  # fmt: skip
+                await asyncio.to_thread(writer.commit, meta)
+        except FcvmError as exc:
+            raise StateError(exc.line()) from None
+        return {"name": name, "seconds": round(time.monotonic() - t0, 3),
+                "bytes": store.size_on_disk(layout(name).dir),
+                "reflinked": all(self.reflinked_disks.values())}  # fmt: skip
 
     async def _reconnect(self, old: Session) -> None:
         """The backend reset the agent's connection at the snapshot (Firecracker): the
@@ -442,6 +498,16 @@ class Machine:
             dead = self.net.check()
             if dead:
                 return GuestError(f"the VM lost its network: {dead}")
+        server = self.restore_source.page_server if self.restore_source else None
+        # A page server stopped properly first fills every VM in and removes its record;
+        # killed, its record stays (stale) and the VM's missing pages can never come.
+        if (
+            server is not None
+            and state.process_start_time(server[0]) is None
+            and state.read_record(server[1]) is not None
+        ):
+            return GuestError(f"the page server serving the VM's memory (pid {server[0]}) "
+                              "was killed")  # fmt: skip
         return None
 
     async def supervise(self, work: Coroutine[Any, Any, T] | Awaitable[T]) -> T:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fcvm.errors import UsageError
 from fcvm.net.publish import PortForward
@@ -71,6 +72,51 @@ class MachineSpec:
 
     def drive_names(self) -> tuple[str, ...]:
         return (ROOT_DRIVE, *(d.name for d in self.drives))
+
+    def hardware(self) -> dict[str, Any]:
+        """What a snapshot of this VM needs to be restored by another process: every
+        field but the name, the network's addresses and published ports (a clone gets
+        its own), as JSON."""
+        return {
+            "backend": [self.backend.backend, self.backend.accel],
+            "kernel": str(self.kernel), "initrd": str(self.initrd), "rootfs": str(self.rootfs),
+            "vcpus": self.vcpus, "mem_mib": self.mem_mib, "network": self.network,
+            "drives": [{"name": d.name, "path": str(d.path) if d.path else None,
+                        "read_only": d.read_only, "blank_size": d.blank_size}
+                       for d in self.drives],
+            "image": self.image, "cmdline_extra": list(self.cmdline_extra),
+        }  # fmt: skip
+
+    @classmethod
+    def from_hardware(
+        cls, hw: dict[str, Any], *, name: str, network: str | None = None,
+        publish: tuple[PortForward, ...] = (),
+    ) -> MachineSpec:  # fmt: skip
+        """The spec of a VM restored from a snapshot of `hardware()`; UsageError if that
+        is not one, or its kernel, initrd or root disk are gone (`fcvm setup` rebuilt them
+        and pruned the old ones)."""
+        try:
+            backend, accel = hw["backend"]
+            spec = cls(
+                name=name,
+                backend=Choice(str(backend), accel, "as the snapshot was taken"),
+                kernel=Path(hw["kernel"]), initrd=Path(hw["initrd"]), rootfs=Path(hw["rootfs"]),
+                vcpus=int(hw["vcpus"]), mem_mib=int(hw["mem_mib"]),
+                network=network or hw.get("network"), publish=publish,
+                drives=tuple(DriveSpec(d["name"], Path(d["path"]) if d.get("path") else None,
+                                       bool(d["read_only"]), int(d.get("blank_size", 0)))
+                             for d in hw["drives"]),
+                image=str(hw.get("image", "")),
+                cmdline_extra=tuple(str(a) for a in hw.get("cmdline_extra", ())),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"the snapshot does not describe its VM ({exc})") from None
+        for path in (spec.kernel, spec.initrd, spec.rootfs,
+                     *(d.path for d in spec.drives if d.read_only and d.path)):  # fmt: skip
+            if not path.exists():
+                raise UsageError(f"the snapshot needs {path}, which is gone",
+                                 hint="it was taken with older guest assets or images")  # fmt: skip
+        return spec
 
     def device(self, name: str) -> str:
         """The guest's block device for drive `name`: the one place letters are given."""
