@@ -126,9 +126,11 @@ class ControlPort:
             reply = {"reply": rid, "error": str(exc) or type(exc).__name__}
         if rid is None:
             return
+        if op == "quiesce" and "error" not in reply:
+            # Hold everything else *before* answering: the host snapshots the guest as
+            # soon as it has the answer, and the guest must already be quiesced in that
+            # snapshot (a new host's HELLO to a restore of it is a takeover only then).
+            # Control frames, this answer included, are never held.
+            self._session.hold()
         with contextlib.suppress(SessionClosed, ConnectionError, OSError):
             await self._session.control.send_json(reply)
-            if op == "quiesce" and "error" not in reply:
-                # Our last frame before the snapshot is this reply: hold the rest.
-                await self._session._drain()
-                self._session.hold()
