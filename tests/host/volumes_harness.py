@@ -10,6 +10,7 @@ mount points, local reference directories), unmounted at the end.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from fcvm.volumes.relay import READY_BYTE, build_relay
 from fcvm.volumes.server import VolumeServer
@@ -140,3 +143,36 @@ def wait_for(pred: object, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+# ---- fixture bodies (each test module wraps them in its own fixtures)
+
+_counter = itertools.count()
+
+
+def env_fixture() -> Iterator[tuple[Path, Path]]:
+    """(private tmpfs, built relay) for one test module; checks nothing is left."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse")
+    with private_tmpfs() as top:
+        (top / "bin").mkdir()
+        relay = build(top / "bin")
+        yield top, relay
+        assert not fcvm_mounts(), fcvm_mounts()
+
+
+def fresh_dirs(top: Path, *names: str) -> list[Path]:
+    n = next(_counter)
+    out = []
+    for name in names:
+        d = top / f"{name}{n}"
+        d.mkdir()
+        out.append(d)
+    return out
+
+
+def mount_fixture(env: tuple[Path, Path], **kw: object) -> Iterator[Mount]:
+    top, relay = env
+    backing, mnt = fresh_dirs(top, "back", "mnt")
+    with serve_mount(relay, backing, mnt, **kw) as m:  # type: ignore[arg-type]
+        yield m
