@@ -118,12 +118,16 @@ class OpsBase:
         if self.nodes.full():
             fail(errno.ENFILE)
 
-    def intern(self, fd: int, st: os.stat_result | None = None) -> tuple[Node, os.stat_result]:
-        """Count a lookup of the inode `fd` (O_PATH, ours to keep or close) refers to."""
+    def intern(
+        self, fd: int, st: os.stat_result | None = None, *, lookup: bool = False
+    ) -> tuple[Node, os.stat_result]:
+        """Count a lookup of the inode `fd` (O_PATH, ours to keep or close) refers to.
+        lookup: a name lookup, where a file changed on the host gets a new node id
+        (writeback cache only; see NodeTable.intern)."""
         try:
             if st is None:
                 st = os.stat(fd)
-            return self.nodes.intern(fd, st), st
+            return self.nodes.intern(fd, st, renew_stale=lookup and self.writeback), st
         except TableFull:
             fail(errno.ENFILE)
         except BaseException:
@@ -132,7 +136,12 @@ class OpsBase:
 
     def lookup_child(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
         fd = open_beneath(parent.fd, name, os.O_PATH)
-        return self.intern(fd)
+        return self.intern(fd, lookup=True)
+
+    @staticmethod
+    def changed_by_us(node: Node, st: os.stat_result) -> None:
+        """After our own change of a node's data: the guest knows about this one."""
+        node.seen = (st.st_mtime_ns, st.st_size)
 
     # ---- replies
 

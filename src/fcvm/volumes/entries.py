@@ -117,6 +117,7 @@ class EntryOps(OpsBase):
             mt = self._time(valid, p.FATTR_MTIME, p.FATTR_MTIME_NOW, mtime, mnsec)
             hostfs.utimens_empty(node.fd, at, mt)
         st = os.stat(handle.fd if handle is not None else node.fd)
+        self.changed_by_us(node, st)
         return p.pack_attr_out(self.attr(st), TIMEOUT)
 
     @staticmethod

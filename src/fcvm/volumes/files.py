@@ -68,6 +68,8 @@ class FileOps(OpsBase):
         if self.handles.full():
             fail(errno.EMFILE)
         handle = self._new_handle(node, self._reopen(node, hflags), writable)
+        if hflags & os.O_TRUNC:
+            self.changed_by_us(node, os.fstat(handle.fd))
         return p.OPEN_OUT.pack(handle.fh, 0, 0)
 
     def op_create(self, h: Header, body: Body) -> Reply:
@@ -140,6 +142,8 @@ class FileOps(OpsBase):
         n = os.pwrite(handle.fd, data, offset)
         if wflags & p.WRITE_KILL_SUIDGID:
             self._kill_suidgid(handle)
+        if self.writeback:
+            self.changed_by_us(handle.node, os.fstat(handle.fd))
         return p.WRITE_OUT.pack(n, 0)
 
     def _kill_suidgid(self, handle: Handle) -> None:
@@ -190,6 +194,7 @@ class FileOps(OpsBase):
         if offset > OFFSET_MAX or length > OFFSET_MAX or offset + length > OFFSET_MAX:
             fail(errno.EFBIG)
         hostfs.fallocate(handle.fd, mode, offset, length)
+        self.changed_by_us(handle.node, os.fstat(handle.fd))
         return b""
 
     def op_lseek(self, h: Header, body: Body) -> Reply:

@@ -32,6 +32,9 @@ class Node:
     # the number could be reused for some other file.
     handles: int = 0
     live: bool = True
+    # (mtime_ns, size) as of this node's creation or our own last change to it: a host
+    # inode whose data changed otherwise was changed behind the guest's back.
+    seen: tuple[int, int] = (0, 0)
 
     @property
     def is_dir(self) -> bool:
@@ -64,19 +67,30 @@ class NodeTable:
     def full(self) -> bool:
         return len(self._by_id) >= self.max_nodes
 
-    def intern(self, fd: int, st: os.stat_result) -> Node:
+    def intern(self, fd: int, st: os.stat_result, *, renew_stale: bool = False) -> Node:
         """The node for the inode `fd` refers to, with one more lookup counted. Takes
-        ownership of `fd` (closed if the inode is already known)."""
+        ownership of `fd` (closed if the inode is already known).
+
+        renew_stale: if the inode is a regular file whose data changed since we last
+        saw it (not through us), give it a new node id. The guest kernel with the
+        writeback cache trusts its cached size and mtime for as long as it holds an
+        inode; a new node id on the next lookup (entry revalidation, at most a second
+        later) makes it drop that inode and its pages for new opens. The old node stays
+        valid for what the guest still holds (open files), until FORGET."""
         key = (st.st_dev, st.st_ino)
         node = self._by_key.get(key)
         if node is not None:
-            os.close(fd)
-            node.nlookup += 1
-            return node
+            stale = renew_stale and node.is_reg and node.seen != (st.st_mtime_ns, st.st_size)
+            if not stale:
+                os.close(fd)
+                node.nlookup += 1
+                return node
+            del self._by_key[key]  # retired: reachable by its id only
         if len(self._by_id) >= self.max_nodes:
             os.close(fd)
             raise TableFull(f"{self.max_nodes} inodes in use")
         node = Node(self._next, fd, key, stat.S_IFMT(st.st_mode), 1)
+        node.seen = (st.st_mtime_ns, st.st_size)
         self._next += 1
         self._by_id[node.nodeid] = node
         self._by_key[key] = node
@@ -89,7 +103,8 @@ class NodeTable:
         node.nlookup -= min(nlookup, node.nlookup)
         if node.nlookup == 0:
             del self._by_id[nodeid]
-            del self._by_key[node.key]
+            if self._by_key.get(node.key) is node:
+                del self._by_key[node.key]
             node.live = False
             if node.handles == 0:
                 os.close(node.fd)

@@ -165,6 +165,8 @@ class VolumeServer:
                 continue
             try:
                 n = sock.recv_into(view[end:])
+            except ConnectionResetError:
+                n = 0  # the relay exited with our reply unread: an end like EOF
             except OSError as e:
                 return "stopped" if self._stopping.is_set() else f"receive failed: {e}"
             if n == 0:
