@@ -200,6 +200,12 @@ class FileOps(OpsBase):
     def op_lseek(self, h: Header, body: Body) -> Reply:
         fh, offset, whence, _ = body.unpack(p.LSEEK_IN)
         handle = self.handle(h, fh)
+        if self.writeback:
+            # Data still in the guest's page cache is not here yet, and the kernel does
+            # not flush before asking: our holes could hide it (a sparse-aware copy
+            # would lose data). ENOSYS makes the kernel answer itself, treating the
+            # whole file as data, which POSIX allows.
+            fail(errno.ENOSYS)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE) or offset > OFFSET_MAX:
             fail(errno.EINVAL)  # SEEK_SET/CUR/END never leave the guest kernel
         return p.LSEEK_OUT.pack(os.lseek(handle.fd, offset, whence))
