@@ -176,9 +176,17 @@ class VolumeServer:
             end += n
         return "stopped"
 
-    def _send(self, parts: list[bytes | bytearray | memoryview]) -> None:
+    def _send(self, parts: list[bytes]) -> None:
+        """One whole reply. sendmsg gathers header and data without joining them (a READ
+        reply is up to 1 MiB); a short send, rare on a stream socket, sends the rest."""
         assert self._sock is not None
-        self._sock.sendall(b"".join(parts) if len(parts) > 1 else parts[0])
+        if len(parts) == 1:
+            self._sock.sendall(parts[0])
+            return
+        sent = self._sock.sendmsg(parts)
+        total = sum(len(x) for x in parts)
+        if sent < total:
+            self._sock.sendall(b"".join(parts)[sent:])
 
     def _flush_deferred(self, ops: _Ops) -> None:
         while ops.deferred:
