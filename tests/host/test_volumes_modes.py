@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from fcvm.volumes.server import VolumeServer
 from tests.host.volumes_harness import (
     env_fixture,
     fresh_dirs,
+    mounted,
     serve_mount,
     wait_for,
 )
@@ -182,3 +185,35 @@ def test_env_turns_writeback_off(
         os.close(fd)
     monkeypatch.setenv("FCVM_NO_WRITEBACK_CACHE", "0")
     assert VolumeServer(backing).writeback
+
+
+def test_relay_ends_with_the_stream(vol_env: tuple[Path, Path]) -> None:
+    """When the host side goes away, the relay unmounts (lazily) and exits 0 by itself."""
+    top, relay = vol_env
+    backing, mnt = fresh_dirs(top, "back", "mnt")
+    with serve_mount(relay, backing, mnt) as m:
+        (mnt / "f").write_text("x")
+        m.server.stop()
+        m.thread.join(10)
+        m.sock.close()
+        assert m.relay.wait(timeout=10) == 0
+        assert wait_for(lambda: not mounted(mnt), timeout=5)
+        assert m.server.end_reason == "stopped"
+
+
+def test_relay_usage_errors(vol_env: tuple[Path, Path]) -> None:
+    top, relay = vol_env
+    (mnt,) = fresh_dirs(top, "mnt")
+    for argv in ([], [str(mnt)], [str(mnt), "999"], [str(mnt), "x"], ["--ro", str(mnt)]):
+        proc = subprocess.run([str(relay), *argv], capture_output=True, timeout=10)
+        assert proc.returncode == 2 and proc.stdout == b"", argv
+    a, b = socket.socketpair()
+    try:
+        proc = subprocess.run(
+            [str(relay), str(top / "missing"), str(b.fileno())],
+            capture_output=True, pass_fds=(b.fileno(),), timeout=10,
+        )  # fmt: skip
+    finally:
+        a.close()
+        b.close()
+    assert proc.returncode == 1 and proc.stdout == b"" and b"mount" in proc.stderr

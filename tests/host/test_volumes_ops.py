@@ -7,6 +7,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
 import socket
 import stat
 import struct
@@ -157,6 +158,18 @@ elif mode == "wait":
     t = time.monotonic()
     fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
     print("waited", round(time.monotonic() - t, 1))
+elif mode == "waitint":
+    import signal
+    def stop(*_):
+        raise RuntimeError
+    signal.signal(signal.SIGUSR1, stop)
+    print("waiting", flush=True)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+        print("got")
+    except RuntimeError:
+        print("interrupted")
+    time.sleep(0.3)
 elif mode == "flock":
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -192,6 +205,23 @@ def test_posix_locks_between_processes(mount: Mount) -> None:
     fd = os.open(f, os.O_RDWR)
     fcntl.lockf(fd, fcntl.LOCK_EX, 10, 50)
     assert locker(f, "try").communicate(timeout=30)[0].startswith("got")
+    os.close(fd)
+
+
+def test_interrupted_lock_wait(mount: Mount) -> None:
+    """A signal to a process blocked in F_SETLKW: the kernel sends INTERRUPT, the queued
+    request fails with EINTR and leaves nothing queued."""
+    f = mount.mnt / "locked"
+    f.write_bytes(bytes(10))
+    fd = os.open(f, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+    waiter = locker(f, "waitint")
+    assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
+    time.sleep(0.3)
+    waiter.send_signal(signal.SIGUSR1)
+    assert waiter.communicate(timeout=30)[0].strip() == "interrupted"
+    ops = mount.server._ops
+    assert ops is not None and not ops.locks.waiters
     os.close(fd)
 
 

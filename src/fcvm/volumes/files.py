@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 
 from fcvm.volumes import hostfs
 from fcvm.volumes import protocol as p
@@ -159,7 +160,10 @@ class FileOps(OpsBase):
     def op_flush(self, h: Header, body: Body) -> Reply:
         fh, _, _, owner = body.unpack(p.FLUSH_IN)
         self.handle(h, fh)
-        # close() of any descriptor drops that process's POSIX locks on the file.
+        # close() of any descriptor drops that process's POSIX locks on the file, and a
+        # request of that owner still queued (another thread's F_SETLKW) must not be
+        # granted after it.
+        self.drop_waiters(lambda w: w.nodeid == h.nodeid and w.lock.owner == owner, errno.EINTR)
         if self.locks.release_owner(h.nodeid, owner):
             self.wake(h.nodeid)
         return b""
@@ -170,6 +174,7 @@ class FileOps(OpsBase):
         if self.locks.release_fh(h.nodeid, fh):  # OFD locks live as long as the open file
             self.wake(h.nodeid)
         self.drop_flock_waiters(fh)
+        self.drop_waiters(lambda w: w.lock.fh == fh, errno.EBADF)
         self.handles.release(fh)  # closing the host fd drops its flock
         del handle
         return b""
@@ -324,6 +329,11 @@ class FileOps(OpsBase):
             fail(errno.ENOLCK)
         self.wake(h.nodeid)
         return b""
+
+    def drop_waiters(self, pred: Callable[[Waiter], bool], code: int) -> None:
+        for w in [w for w in self.locks.waiters if pred(w)]:
+            self.locks.waiters.remove(w)
+            self.deferred.append(p.error_reply(w.unique, code))
 
     def wake(self, nodeid: int) -> None:
         """Grant queued F_SETLKW requests on `nodeid` that no longer conflict, in order."""
