@@ -151,6 +151,65 @@ def messages(draw: st.DrawFn) -> bytes:
     return msg
 
 
+# Per-opcode fixed structs, so a message gets past its struct and into the handler.
+STRUCTS: dict[int, struct.Struct | None] = {
+    p.Op.LOOKUP: None, p.Op.GETATTR: p.GETATTR_IN, p.Op.SETATTR: p.SETATTR_IN,
+    p.Op.READLINK: None, p.Op.SYMLINK: None, p.Op.MKNOD: p.MKNOD_IN, p.Op.MKDIR: p.MKDIR_IN,
+    p.Op.UNLINK: None, p.Op.RMDIR: None, p.Op.RENAME: p.RENAME_IN, p.Op.RENAME2: p.RENAME2_IN,
+    p.Op.LINK: p.LINK_IN, p.Op.OPEN: p.OPEN_IN, p.Op.CREATE: p.CREATE_IN, p.Op.READ: p.READ_IN,
+    p.Op.WRITE: p.WRITE_IN, p.Op.STATFS: None, p.Op.RELEASE: p.RELEASE_IN,
+    p.Op.FSYNC: p.FSYNC_IN, p.Op.SETXATTR: p.SETXATTR_IN, p.Op.GETXATTR: p.GETXATTR_IN,
+    p.Op.LISTXATTR: p.GETXATTR_IN, p.Op.REMOVEXATTR: None, p.Op.FLUSH: p.FLUSH_IN,
+    p.Op.OPENDIR: p.OPEN_IN, p.Op.READDIR: p.READ_IN, p.Op.READDIRPLUS: p.READ_IN,
+    p.Op.RELEASEDIR: p.RELEASE_IN, p.Op.FSYNCDIR: p.FSYNC_IN, p.Op.GETLK: p.LK_IN,
+    p.Op.SETLK: p.LK_IN, p.Op.SETLKW: p.LK_IN, p.Op.ACCESS: p.ACCESS_IN,
+    p.Op.FALLOCATE: p.FALLOCATE_IN, p.Op.LSEEK: p.LSEEK_IN, p.Op.FORGET: p.FORGET_IN,
+    p.Op.BATCH_FORGET: p.BATCH_FORGET_IN, p.Op.INTERRUPT: p.INTERRUPT_IN,
+}  # fmt: skip
+SMALL = st.one_of(st.integers(0, 6), U64S, st.sampled_from([0o100644, 0o40755, 0o20666, 0o10644]))
+
+
+@st.composite
+def plausible(draw: st.DrawFn) -> bytes:
+    """A message of a real opcode with its struct filled from small and edge values
+    (ids and handles 0..6 exist after the LOOKUPs below), then names and data."""
+    op = draw(st.sampled_from(sorted(STRUCTS)))
+    fmt = STRUCTS[op]
+    body = b""
+    if fmt is not None:
+        vals = []
+        for code in fmt.format.lstrip("<").replace("x", ""):
+            v = draw(SMALL)
+            bits = {"Q": 64, "q": 64, "I": 32, "i": 32, "H": 16}[code]
+            v &= (1 << bits) - 1
+            if code in "qi" and v >= 1 << (bits - 1):
+                v -= 1 << bits
+            vals.append(v)
+        body = fmt.pack(*vals)
+    for _ in range(draw(st.integers(0, 2))):
+        body += draw(NAMES) + b"\0"
+    body += draw(st.binary(max_size=32))
+    return request(op, body, unique=draw(st.integers(1, 50)), nodeid=draw(st.integers(0, 7)),
+                   uid=draw(st.sampled_from([0, 1000])), gid=0)  # fmt: skip
+
+
+@FUZZ
+@given(st.lists(plausible(), max_size=40), st.lists(st.integers(1, 500), max_size=5))
+def test_plausible_messages(tree: tuple[Path, Path], msgs: list[bytes], chunks: list[int]) -> None:
+    root, outside = tree
+    before = snapshot(outside)
+    lookups = b"".join(
+        request(p.Op.LOOKUP, name + b"\0", unique=2 + i, nodeid=1 if name != b"g" else 3)
+        for i, name in enumerate([b"f", b"sub", b"g", b"up"])
+    )
+    fhs = request(p.Op.OPEN, p.OPEN_IN.pack(os.O_RDWR, 0), unique=9, nodeid=2) + request(
+        p.Op.OPENDIR, p.OPEN_IN.pack(0, 0), unique=10, nodeid=3
+    )
+    data = request(p.Op.INIT, init_body(), unique=1) + lookups + fhs + b"".join(msgs)
+    run_server(root, data, chunks)
+    assert snapshot(outside) == before
+
+
 @FUZZ
 @given(st.lists(messages(), max_size=25), st.booleans(), st.lists(st.integers(1, 500), max_size=5))
 def test_framed_messages_after_init(
