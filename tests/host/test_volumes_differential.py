@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import stat
 import subprocess
 import sys
@@ -45,6 +46,9 @@ class Worker:
         assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(json.dumps({"ops": ops, "roots": roots}) + "\n")
         self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], 60)[0]:
+            self.proc.kill()  # a sequence that blocks (a test bug) fails, not hangs
+            raise AssertionError(f"worker stuck on {ops}")
         line = self.proc.stdout.readline()
         assert line, "worker died"
         return json.loads(line)  # type: ignore[no-any-return]

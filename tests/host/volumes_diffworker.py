@@ -54,7 +54,9 @@ class Runner:
         return getattr(self, "op_" + name)(*a)
 
     def op_open(self, path: str, flags: int, mode: int) -> str:
-        self.fds.append(os.open(self.p(path), flags | os.O_CLOEXEC, mode))
+        # O_NONBLOCK: a fifo made by an earlier mknod must not block the worker (it has
+        # no effect on regular files).
+        self.fds.append(os.open(self.p(path), flags | os.O_CLOEXEC | os.O_NONBLOCK, mode))
         return "fd"
 
     def op_close(self, i: int) -> None:

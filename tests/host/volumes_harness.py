@@ -43,9 +43,11 @@ def mounted(path: Path) -> bool:
 @contextlib.contextmanager
 def private_tmpfs(size: str = "16g") -> Iterator[Path]:
     """A tmpfs of our own (tmpfs answers like the backing store: sparse files, user
-    xattrs, SEEK_DATA), removed with everything in it at the end."""
+    xattrs, SEEK_DATA), removed with everything in it at the end. nodev like the FUSE
+    mount, so device nodes made locally do not open either."""
     top = Path(tempfile.mkdtemp(prefix="fcvm-vol-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=755", "tmpfs", str(top)],
+    opts = f"size={size},mode=755,nodev"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(top)],
                    check=True)  # fmt: skip
     try:
         yield top
