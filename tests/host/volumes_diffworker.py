@@ -176,7 +176,11 @@ class Runner:
 def tree(root: str) -> list[list[Any]]:
     """Every entry under root with its comparable stat and small files' data."""
     out = []
-    for dirpath, dirs, files in os.walk(root):
+
+    def raise_(e: OSError) -> None:
+        raise e
+
+    for dirpath, dirs, files in os.walk(root, onerror=raise_):
         for n in sorted(dirs + files):
             full = os.path.join(dirpath, n)
             st = os.lstat(full)

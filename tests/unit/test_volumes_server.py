@@ -108,3 +108,15 @@ def test_create_is_owned_by_the_caller_and_exact_mode(tmp_path: Path) -> None:
         c.close()
     finally:
         os.umask(0o022)
+
+
+def test_caps_fit_the_fd_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from fcvm.volumes import server as srv
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    nodes, handles = srv.fd_budget(32768, 4096)
+    assert nodes + handles <= 1024 - srv.FD_RESERVE and handles >= 16
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    assert srv.fd_budget(32768, 4096) == (32768, 4096)

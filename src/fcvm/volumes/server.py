@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import select
 import socket
 import threading
@@ -44,6 +45,22 @@ _NO_REPLY = frozenset({Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT, Op.NOTIFY_REPLY
 _FLOCK_RETRY_S = 0.01
 DEFAULT_MAX_NODES = 32768
 DEFAULT_MAX_HANDLES = 4096
+FD_RESERVE = 512  # descriptors left for the rest of the process
+
+
+def fd_budget(max_nodes: int, max_handles: int) -> tuple[int, int]:
+    """The caps, lowered to fit this process's RLIMIT_NOFILE soft limit (minus a
+    reserve for the rest of fcvm): every node and handle is one descriptor, and running
+    the whole process out of them would break more than this mapping. The owner should
+    raise the soft limit (see DESIGN-volumes.md) and, with several maps, pass caps."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_nodes, max_handles
+    budget = max(64, soft - FD_RESERVE)
+    if max_nodes + max_handles <= budget:
+        return max_nodes, max_handles
+    handles = max(16, min(max_handles, budget // 4))
+    return max(32, min(max_nodes, budget - handles)), handles
 
 
 def writeback_from_env(requested: bool) -> bool:
@@ -64,7 +81,8 @@ class VolumeServer:
       host at fsync/close/writeback, not at write(2)); FCVM_NO_WRITEBACK_CACHE=1 in the
       environment turns it off.
     max_nodes / max_handles: caps on inodes the guest may hold (each an O_PATH fd) and
-      on open files; past them the guest gets ENFILE / EMFILE.
+      on open files; past them the guest gets ENFILE / EMFILE. Lowered to fit the
+      RLIMIT_NOFILE soft limit (fd_budget); the effective values are attributes.
     """
 
     def __init__(
@@ -81,8 +99,7 @@ class VolumeServer:
             raise NotADirectoryError(f"{self.root} is not a directory")
         self.read_only = read_only
         self.writeback = writeback_from_env(writeback) and not read_only
-        self.max_nodes = max_nodes
-        self.max_handles = max_handles
+        self.max_nodes, self.max_handles = fd_budget(max_nodes, max_handles)
         self.ownership = Ownership.current()
         self.end_reason: str | None = None  # why serve() returned, once it has
         self.negotiated: tuple[int, int, int] | None = None  # (minor, flags, max_write)
