@@ -61,6 +61,7 @@ class VmOptions(TypedDict, total=False):
     health_check: str  # URL that must answer 2xx/3xx inside the VM before start() returns
     health_timeout: float
     vmm: str  # "auto" (default), "firecracker", "qemu"
+    maps: Sequence[str]  # ["/srv/data:/data", "/etc/app:/config:ro"]: host directories
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,14 @@ def _argv(command: Command) -> tuple[str, ...]:
     return argv
 
 
+def _strings(option: str, value: object) -> list[str]:
+    """A list of strings option (a lone string would be taken letter by letter)."""
+    items = [] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else None
+    if items is None or isinstance(value, str) or not all(isinstance(v, str) for v in items):
+        raise UsageError(f"{option} is a list of strings")
+    return [str(v) for v in items]
+
+
 def _env(env: Mapping[str, str] | Sequence[str] | None) -> tuple[tuple[str, str], ...]:
     if env is None:
         return ()
@@ -147,6 +156,7 @@ def _env(env: Mapping[str, str] | Sequence[str] | None) -> tuple[tuple[str, str]
 def _plan(image: str, command: Command, options: VmOptions, *, interactive: bool = False
           ) -> planning.RunPlan:  # fmt: skip
     from fcvm.net import parse_publish
+    from fcvm.volumes.spec import parse_maps
 
     unknown = set(options) - set(VmOptions.__annotations__)
     if unknown:
@@ -172,6 +182,7 @@ def _plan(image: str, command: Command, options: VmOptions, *, interactive: bool
         health_timeout=planning.parse_seconds(
             "health_timeout", str(options.get("health_timeout", 60.0))
         ),
+        maps=parse_maps(_strings("maps", options.get("maps", ()))),
     )
 
 

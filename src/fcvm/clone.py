@@ -54,8 +54,10 @@ class CloneSource:
         for rec in state.list_live():
             if rec.kind == "serve" and rec.pid == pid:
                 return cls(str(rec.extra.get("snapshot", "")), pid)
-        raise UsageError(f"no page server with pid {pid}",
-                         hint="fcvm ls lists them; fcvm snapshot serve NAME starts one")
+        raise UsageError(
+            f"no page server with pid {pid}",
+            hint="fcvm ls lists them; fcvm snapshot serve NAME starts one",
+        )
 
 
 def snapshot_workload(name: str) -> dict[str, Any]:
@@ -91,8 +93,10 @@ class CloneRun(ContainerRun):
         except SnapshotError as exc:
             raise UsageError(exc.line()) from None
         if meta.kind != KIND_NAMED or not meta.machine:
-            raise UsageError(f"snapshot {snap.name!r} is a {meta.kind} snapshot of the image "
-                             "cache, not one of a VM (fcvm snapshot create makes those)")
+            raise UsageError(
+                f"snapshot {snap.name!r} is a {meta.kind} snapshot of the image "
+                "cache, not one of a VM (fcvm snapshot create makes those)"
+            )
         why = store.why_unusable(snap, meta)
         version = registry.load(meta.vmm).version() if meta.vmm else ""
         if why is None and meta.vmm_version != version:
@@ -101,7 +105,8 @@ class CloneRun(ContainerRun):
             raise UsageError(f"snapshot {snap.name!r} cannot be restored: {why}")
         publish: tuple[PortForward, ...] = tuple(parse_publish(list(self.plan.publish)))
         spec = MachineSpec.from_hardware(meta.machine, name=self.plan.name,
-                                         network=self.network, publish=publish)  # fmt: skip
+                                         network=self.network, publish=publish,
+                                         maps=self.plan.maps)  # fmt: skip
         page_server = None
         files = SnapshotFiles(snap.memory, snap.vmstate)
         if self.source.server_pid is not None:
@@ -148,7 +153,8 @@ class CloneRun(ContainerRun):
         from fcvm.remote import run_remote
 
         exec_spec = ProcessSpec(mode=p.MODE_EXEC, argv=self.exec_argv,
-                                interactive=self.stdio.has_input, tty=self.stdio.tty)  # fmt: skip
+                                interactive=self.stdio.has_input, tty=self.stdio.tty,
+                                maps=spec.maps)  # fmt: skip
 
         def started(proc: RemoteProcess) -> None:
             self.process = proc

@@ -28,13 +28,14 @@ from typing import Any
 
 from fcvm import imagecache, images, log, state
 from fcvm.agent import protocol as p
-from fcvm.agent.spec import ContainerSetup, ImageSource, ProcessSpec
+from fcvm.agent.spec import ContainerSetup, ImageSource, MapMount, ProcessSpec
 from fcvm.machine import DriveSpec, Machine, MachineSpec, RestoreFailed
 from fcvm.net import parse_publish
 from fcvm.plan import RunPlan
 from fcvm.remote import RemoteProcess, Stdio
 from fcvm.snapshot.layout import KIND_PRESTART, KIND_STARTUP
 from fcvm.timings import Timings
+from fcvm.volumes.spec import VolumeMap
 
 logger = log.get("container")
 
@@ -122,6 +123,7 @@ class ContainerRun:
             publish=tuple(parse_publish(list(plan.publish))),
             drives=tuple(drives),
             image=plan.image.ref,
+            maps=plan.maps,
         )
         if plan.disk_size:
             machine = dataclasses.replace(
@@ -156,6 +158,7 @@ class ContainerRun:
             tty=plan.tty,
             health_check=plan.health_check,
             health_timeout=plan.health_timeout,
+            maps=map_mounts(plan.maps),
         )
 
     # -- running -------------------------------------------------------------------
@@ -205,9 +208,7 @@ class ContainerRun:
             except BaseException:
                 entry.lease.release()
                 raise
-        return await self._in_machine(
-            Machine(resolved.machine, timings=self.timings), keys, None
-        )
+        return await self._in_machine(Machine(resolved.machine, timings=self.timings), keys, None)
 
     async def _in_machine(self, machine: Machine, keys: imagecache.Keys, restored: str | None
                           ) -> int:  # fmt: skip
@@ -330,17 +331,20 @@ class ContainerRun:
             main.cancel()
 
 
+def map_mounts(maps: tuple[VolumeMap, ...]) -> tuple[MapMount, ...]:
+    """--map volumes as the agent mounts them: map i on the VM's extra stream i (the
+    Machine serves it there)."""
+    return tuple(MapMount(i, m.guest, m.read_only) for i, m in enumerate(maps))
+
+
 def image_source(machine: MachineSpec, guest_image: images.GuestImage) -> ImageSource:
     """Where the guest finds the image: the drives `resolve` attached, by name."""
     if guest_image.pull:
         return ImageSource(pull=guest_image.pull)
-    archive = (
-        machine.device(ARCHIVE_DRIVE) if guest_image.archive is not None else None
-    )
+    archive = machine.device(ARCHIVE_DRIVE) if guest_image.archive is not None else None
     if guest_image.store is not None:
         # Run from the prebuilt store; load the archive only if it turns out unusable.
         return ImageSource(
             ref=guest_image.store.image_id, store=machine.device(IMAGES_DRIVE), device=archive
         )
     return ImageSource(ref=guest_image.ref, device=archive)
-

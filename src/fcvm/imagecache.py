@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = log.get("imagecache")
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: every VM has the --map streams (vmm/base.py MAP_CHANNELS)
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def keys_for(plan: RunPlan, spec: MachineSpec, image: GuestImage) -> Keys:
     }
     prestart = cache.key_of(parts)
     startup = None
-    if plan.health_check:
+    # (No startup snapshot with --map: its volumes would be live in it; snapshots.py.)
+    if plan.health_check and not plan.maps:
         startup = cache.key_of({**parts, "startup": {
             "command": list(plan.command), "env": [list(kv) for kv in plan.env],
             "tty": plan.tty, "interactive": plan.interactive,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fcvm.errors import UsageError
+from fcvm.volumes.spec import VolumeMap
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -49,13 +50,14 @@ class RunPlan:
     stop_timeout: float = 10.0  # after a forwarded signal, seconds until the VM is stopped
     disk_size: int = 8 << 30  # the container storage disk, bytes (0: in guest RAM)
     snapshot: bool = True
+    maps: tuple[VolumeMap, ...] = ()  # --map HOST:GUEST[:ro] (volumes/spec.py)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def canonical_json(self) -> str:
         data = asdict(self)
         data.pop("name")  # the name does not change what the VM holds
         data.pop("extra")
-        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
     def cache_key(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]

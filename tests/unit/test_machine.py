@@ -20,11 +20,12 @@ from fcvm.machine import Machine, MachineSpec, Parts, Phase
 from fcvm.machine.spec import DriveSpec
 from fcvm.net.publish import PortForward
 from fcvm.vmm.select import Choice
+from fcvm.volumes.spec import VolumeMap
 from tests.unit.aio import arun
 
 pytestmark = pytest.mark.unit
 
-STEPS = ("record", "network", "vmm", "session", "control")
+STEPS = ("record", "network", "vmm", "session", "volumes", "control")
 
 
 class Boom(Exception):
@@ -144,6 +145,16 @@ class FakeControl:
         self.log.undo("control")
 
 
+class FakeVolumes:
+    def __init__(self, log: Log, maps: tuple[VolumeMap, ...]) -> None:
+        log.make_now("volumes")
+        self.log = log
+        self.maps = maps
+
+    def stop(self) -> None:
+        self.log.undo("volumes")
+
+
 def fake_parts(log: Log) -> tuple[Parts, dict[str, Any]]:
     made: dict[str, Any] = {}
 
@@ -161,8 +172,8 @@ def fake_parts(log: Log) -> tuple[Parts, dict[str, Any]]:
         await log.make("session")
         return FakeSession(log)
 
-    async def start_control(path: Path, session: Any) -> Any:
-        assert callable(session)
+    async def start_control(path: Path, session: Any, on_request: Any = None) -> Any:
+        assert callable(session) and callable(on_request)
         await log.make("control")
         return FakeControl(log)
 
@@ -173,9 +184,13 @@ def fake_parts(log: Log) -> tuple[Parts, dict[str, Any]]:
 
     records = FakeRecords(log)
     made["records"] = records
+    def serve_volumes(maps: tuple[VolumeMap, ...], vmm: Any) -> Any:
+        made["volumes"] = FakeVolumes(log, maps)
+        return made["volumes"]
+
     parts = Parts(records=records, setup_network=setup_network, network_reaper=reaper,
                   make_vmm=make_vmm, open_session=open_session,
-                  start_control=start_control)  # fmt: skip
+                  start_control=start_control, serve_volumes=serve_volumes)  # fmt: skip
     return parts, made
 
 
@@ -183,6 +198,7 @@ def spec(tmp_path: Path, **kw: Any) -> MachineSpec:
     base: dict[str, Any] = dict(
         name="t-vm", backend=Choice("qemu", "tcg", "test"), kernel=tmp_path / "k",
         initrd=tmp_path / "i", rootfs=tmp_path / "r",
+        maps=(VolumeMap(tmp_path, "/data"),),
     )  # fmt: skip
     base.update(kw)
     return MachineSpec(**base)
@@ -200,6 +216,7 @@ def test_start_makes_everything_in_order_and_stop_undoes_in_reverse(tmp_path: Pa
             assert m.record.status == "running" and m.record.vmm_pid == 4242
             assert made["records"].reapers == ["reap_net"]
             assert made["net"].forwards == [PortForward("", 8080, 80, "tcp")]
+            assert made["volumes"].maps == (VolumeMap(tmp_path, "/data"),)
         assert m.phase is Phase.STOPPED
         await m.stop()  # idempotent
 
@@ -271,7 +288,7 @@ def test_a_second_cancel_does_not_cut_the_teardown_short(tmp_path: Path) -> None
             await stopping
 
     arun(main())
-    assert log.events[-5:] == ["-control", "-session", "-vmm", "-network", "-record"]
+    assert log.events[-6:] == ["-control", "-volumes", "-session", "-vmm", "-network", "-record"]
 
 
 def test_start_twice_is_refused(tmp_path: Path) -> None:

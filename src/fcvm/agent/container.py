@@ -37,6 +37,7 @@ from typing import Any
 from fcvm.agent import procs
 from fcvm.agent import protocol as p
 from fcvm.agent.image import ProcError, prepare_image, run_quiet
+from fcvm.agent.maps import Maps
 from fcvm.agent.spec import ContainerSetup, ProcessSpec, command_line
 from fcvm.session import Channel, SessionClosed, fdio
 
@@ -117,8 +118,9 @@ class _Output:
 
 
 class Container:
-    def __init__(self, reaper: procs.Reaper) -> None:
+    def __init__(self, reaper: procs.Reaper, transport: str = "serial") -> None:
         self.reaper = reaper
+        self.maps = Maps(reaper, transport)  # --map volumes mounted in it
         self.state = State.NONE
         self.container_id = ""
         self.pid = 0  # the gate's, then the user's process's (same process)
@@ -249,9 +251,12 @@ class Container:
         to the running one; events until its exit (or until this channel goes away)."""
         try:
             if self.state is State.GATED:
+                await self.maps.mount(self.pid, spec.maps)
                 await self._start(spec)
                 await proc_ch.send_json({"event": p.EV_STARTED, "pid": self.pid})
             elif self.state in (State.RUNNING, State.EXITED):
+                if spec.maps and self.state is State.RUNNING:
+                    await self.maps.mount(self.pid, spec.maps)
                 await proc_ch.send_json({"event": p.EV_STARTED, "pid": self.pid})
                 if self.health is not None:  # healthy when the snapshot was taken
                     await proc_ch.send_json(self.health)
@@ -514,15 +519,15 @@ def _elf_interpreter(path: str) -> str | None:
             head = f.read(64)
             if head[:5] != b"\x7fELF\x02" or head[5] != 1:
                 return None
-            phoff, = struct.unpack_from("<Q", head, 0x20)
+            (phoff,) = struct.unpack_from("<Q", head, 0x20)
             phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
             f.seek(phoff)
             table = f.read(phentsize * phnum)
             for i in range(phnum):
-                ptype, = struct.unpack_from("<I", table, i * phentsize)
+                (ptype,) = struct.unpack_from("<I", table, i * phentsize)
                 if ptype == 3:  # PT_INTERP
-                    offset, = struct.unpack_from("<Q", table, i * phentsize + 8)
-                    size, = struct.unpack_from("<Q", table, i * phentsize + 32)
+                    (offset,) = struct.unpack_from("<Q", table, i * phentsize + 8)
+                    (size,) = struct.unpack_from("<Q", table, i * phentsize + 32)
                     f.seek(offset)
                     return f.read(size).rstrip(b"\0").decode(errors="replace")
     except (OSError, struct.error, IndexError):

@@ -99,8 +99,15 @@ class Agent:
             return
         if spec.mode == p.MODE_CONTAINER:
             await self.container.run(ch, stdio, spec)
-        else:
-            await run_proc(ch, stdio, self.reaper, spec, self.container)
+            return
+        if spec.maps:  # an exec in a clone given --map: mounted first
+            try:
+                await self.container.maps.mount(self.container.pid, spec.maps)
+            except ProcError as exc:
+                await send_error(ch, str(exc), exc.code)
+                await ch.close()
+                return
+        await run_proc(ch, stdio, self.reaper, spec, self.container)
 
     async def _prepare(self, ch: Channel) -> None:
         try:
@@ -146,7 +153,7 @@ def _identity(hello: dict[str, Any], net_params: dict[str, str], container: Cont
 
 async def serve(params: dict[str, str], net_params: dict[str, str]) -> None:
     reaper = procs.Reaper(asyncio.get_running_loop())
-    container = Container(reaper)
+    container = Container(reaper, params.get("transport", "serial"))
     stream = None
     hello = None
     while True:

@@ -84,3 +84,12 @@ CONTAINER_NAME = "fcvm"
 GATE_BINARY = "/usr/lib/fcvm/gate"
 GATE_DIR = "/run/fcvm/gate"
 GATE_MOUNT = "/.fcvm"
+
+# --map volumes: extra stream i (0..7, vmm/base.py MAP_CHANNELS) is the virtio-serial
+# port named MAP_PORT_NAME.format(i) under QEMU, or a vsock connection from the guest
+# to the host (CID 2) on port MAP_VSOCK_PORT_BASE + i under Firecracker. The agent
+# hands it to the relay (volumes/data/fcvm-fuse-relay.c), which mounts the volume in
+# the container's mount namespace.
+MAP_PORT_NAME = "fcvm.map.{}"
+MAP_VSOCK_PORT_BASE = 1100
+RELAY_BINARY = "/usr/lib/fcvm/fcvm-fuse-relay"

@@ -143,6 +143,48 @@ class ImageSource:
         )
 
 
+MAP_CHANNELS = 8  # = vmm/base.py MAP_CHANNELS (the agent cannot import the host side)
+
+
+@dataclass(frozen=True)
+class MapMount:
+    """A --map volume as the agent mounts it: extra stream `channel` (protocol.py
+    MAP_PORT_NAME / MAP_VSOCK_PORT_BASE) mounted at `guest` in the container."""
+
+    channel: int
+    guest: str
+    read_only: bool = False
+
+    def __post_init__(self) -> None:
+        _int(self.channel, "maps[].channel", 0, MAP_CHANNELS - 1)
+        _string(self.guest, "maps[].guest", empty=False)
+        parts = self.guest.split("/")
+        if not self.guest.startswith("/") or self.guest == "/" or ".." in parts:
+            raise SpecError(f"maps[].guest {self.guest!r} must be absolute, not /, without '..'")
+        _bool(self.read_only, "maps[].read_only")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"channel": self.channel, "guest": self.guest, "read_only": self.read_only}
+
+    @classmethod
+    def from_json(cls, data: object) -> MapMount:
+        obj = _mapping(data, "maps[]")
+        _no_unknown(obj, set(cls.__dataclass_fields__), "maps[]")
+        return cls(channel=obj.get("channel"), guest=obj.get("guest"),  # type: ignore[arg-type]
+                   read_only=obj.get("read_only", False))  # fmt: skip
+
+
+def _maps(value: object, name: str) -> tuple[MapMount, ...]:
+    if not isinstance(value, list | tuple) or len(value) > MAP_CHANNELS:
+        raise SpecError(f"{name} must be a list of at most {MAP_CHANNELS} maps")
+    maps = tuple(m if isinstance(m, MapMount) else MapMount.from_json(m) for m in value)
+    for what in ("channel", "guest"):
+        values = [getattr(m, what) for m in maps]
+        if len(set(values)) != len(values):
+            raise SpecError(f"{name}: two maps share a {what}")
+    return maps
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     mode: str
@@ -157,6 +199,9 @@ class ProcessSpec:
     # container mode only
     health_check: str | None = None
     health_timeout: float = 60.0
+    # --map volumes, mounted in the container before its process starts (or, attaching
+    # to a running one or exec'ing in it, before that) where not mounted yet
+    maps: tuple[MapMount, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,6 +224,9 @@ class ProcessSpec:
         _int(self.cols, "cols", 1, MAX_TERMINAL)
         _optional(self.health_check, "health_check", _string)
         _number(self.health_timeout, "health_timeout", 0, 86400)
+        _maps(self.maps, "maps")
+        if self.maps and self.mode == p.MODE_VM:
+            raise SpecError("maps are mounted in the container, not for vm mode")
         if self.mode == p.MODE_CONTAINER:
             if self.workdir is not None or self.user is not None:
                 raise SpecError("the container's workdir and user are the image's")
@@ -200,6 +248,8 @@ class ProcessSpec:
                 out[name] = getattr(self, name)
         if self.mode == p.MODE_CONTAINER:
             out["health_timeout"] = self.health_timeout
+        if self.maps:
+            out["maps"] = [m.to_json() for m in self.maps]
         return out
 
     @classmethod
@@ -219,6 +269,7 @@ class ProcessSpec:
             cols=_int(obj.get("cols", 80), "cols", 1, MAX_TERMINAL),
             health_check=_optional(obj.get("health_check"), "health_check", _string),
             health_timeout=_number(obj.get("health_timeout", 60.0), "health_timeout", 0, 86400),
+            maps=_maps(obj.get("maps", []), "maps"),
         )
 
 

@@ -71,6 +71,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="[IP:]HOST:GUEST[/tcp|udp]",
         help="publish a guest port on the host (comma-separated, repeatable)",
     )
+    run.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST[:ro]",
+        help="show host directory HOST at GUEST in the container, read-only with :ro "
+        "(through FUSE; comma-separated, repeatable, at most 8)",
+    )
     run.add_argument("--privileged", action="store_true", help="run the container privileged")
     run.add_argument(
         "-i",
@@ -137,6 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fcvm.container import ContainerRun
     from fcvm.net import parse_publish
     from fcvm.remote import LocalStdio
+    from fcvm.volumes.spec import parse_maps
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -159,6 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         health_timeout=p.parse_seconds("--health-timeout", args.health_timeout),
         stop_timeout=p.parse_seconds("--stop-timeout", args.stop_timeout),
         snapshot=not args.no_snapshot,
+        maps=parse_maps(args.map),
     )
     if args.setup:
         from fcvm.assets import setup

@@ -59,6 +59,13 @@ def add_parser(sub: Any) -> None:
                    help="network mode (default: the snapshotted VM's)")  # fmt: skip
     r.add_argument("--publish", "-p", action="append", default=[],
                    metavar="[IP:]HOST:GUEST[/tcp|udp]", help="publish a guest port")  # fmt: skip
+    r.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST[:ro]",
+        help="show a host directory in the clone's container (as for podman run)",
+    )
     r.add_argument("--exec", dest="exec_cmd", metavar="'CMD ARGS'",
                    help="run this in the clone's container, then tear the clone down")  # fmt: skip
     r.add_argument("-i", "--interactive", action="store_true",
@@ -182,6 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     from fcvm.errors import UsageError
     from fcvm.net import parse_publish
     from fcvm.remote import LocalStdio
+    from fcvm.volumes.spec import parse_maps
 
     if (args.snapshot is None) == (args.pid is None):
         raise UsageError("give --snapshot NAME or --pid SERVE_PID (one of them)")
@@ -212,6 +220,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_timeout=pl.parse_seconds("--stop-timeout", args.stop_timeout),
         vmm=os.environ.get("FCVM_VMM", "auto"),
         interactive=args.interactive, tty=args.tty, snapshot=False,
+        maps=parse_maps(args.map),
     )  # fmt: skip
     sys.stdout.flush()
     stdio = LocalStdio(stdin=0 if args.interactive else None, tty=args.tty)

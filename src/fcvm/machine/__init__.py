@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from fcvm.machine.machine import (
     Machine,
-    Parts,
     Phase,
     RestoreFailed,
     RestoreSource,
     held_record,
 )
+from fcvm.machine.parts import Parts
 from fcvm.machine.spec import DriveSpec, MachineSpec
 
 __all__ = [

@@ -10,6 +10,7 @@ it exists, so any failure, Ctrl-C or bug unwinds exactly what was made):
     network          namespaces, TAP, slirp4netns or veth + NAT, leases
     VMM              the VMM process, launched by the spec's backend (it dies with us)
     agent session    the one session with the guest agent
+    volume servers   a thread serving each --map host directory (machine/volumes.py)
     control socket   where `fcvm exec` and other clients reach the VM (relay.py)
 
 Restoring instead of booting (`restore=RestoreSource`): the VMM loads a snapshot with
@@ -17,13 +18,15 @@ its memory mapped privately, the host connects to the agent before the guest run
 a new session takes over the snapshot's (session/mux.py), and the guest is told its
 new identity (hostname, clock, entropy, network: agent/identity.py). Any failure of
 that is a RestoreFailed, after which the caller may boot instead. `snapshot()` writes
-a snapshot of the running VM (quiesced session, paused VM) and lets it go on.
+a snapshot of the running VM (quiesced session, paused VM) and lets it go on
+(machine/snapshots.py).
 
 If fcvm itself is killed -9, the VMM dies with it (PR_SET_PDEATHSIG), the network
 helpers at EOF of pipes only we held, and the next fcvm command reaps the rest from
 the record (state.reap_stale runs the reapers registered here).
 
-How each piece is made is `Parts`: the real functions by default, fakes in tests.
+How each piece is made is `Parts` (machine/parts.py): the real functions by default,
+fakes in tests.
 A Machine is started from the thread that runs its event loop, and that thread must
 outlive the VM: the VMM's parent-death signal follows the thread that forked it.
 """
@@ -39,16 +42,15 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from fcvm import log, paths, state
-from fcvm.errors import GuestError, ProtocolError, StateError
+from fcvm.errors import GuestError, StateError
+from fcvm.machine.parts import NetworkLike, Parts, Stoppable
 from fcvm.machine.spec import MachineSpec
-from fcvm.net.publish import PortForward
 from fcvm.session import Session, SessionClosed
 from fcvm.timings import Timings
 from fcvm.vmm.base import SnapshotFiles, VmConfig, Vmm
-from fcvm.vmm.select import Choice
 
 logger = log.get("machine")
 
@@ -60,52 +62,6 @@ RESTORE_TIMEOUT = float(os.environ.get("FCVM_RESTORE_TIMEOUT", "20"))
 VMM_POLL_SECONDS = 0.05
 # Failures that may just be the VMM dying under us (supervise() then says so).
 _LOST = (SessionClosed, ConnectionError, BrokenPipeError)
-
-
-class NetworkLike(Protocol):
-    """What a Machine needs of a network (fcvm.net.NetHandle)."""
-
-    netns_exec: tuple[str, ...]
-    host_ip: str
-    guest_ip: str
-    forwards: list[PortForward]
-
-    mac: str
-
-    def record(self) -> dict[str, Any]: ...
-    def guest_params(self) -> dict[str, str]: ...
-    def guest_cmdline(self) -> list[str]: ...
-    def vmm_net(self) -> Any: ...
-    def proxy_env(self) -> dict[str, str]: ...
-    def teardown(self) -> None: ...
-    def check(self) -> str | None: ...
-
-
-class Closable(Protocol):
-    def close(self) -> None: ...
-
-
-class Records(Protocol):
-    """Where VM records live (fcvm.state)."""
-
-    def create(self, record: state.VmRecord) -> object: ...
-    def update(self, record: state.VmRecord, **changes: Any) -> None: ...
-    def add_reaper(self, record: state.VmRecord, reaper: state.Reaper) -> None: ...
-    def remove(self, vm_id: str) -> None: ...
-
-
-def _setup_network(
-    vm_id: str, mode: str, publish: list[PortForward], workdir: Path
-) -> NetworkLike:
-    from fcvm.net import setup_network
-
-    return setup_network(vm_id, mode, publish, workdir=workdir)
-
-
-def _reap_network() -> state.Reaper:
-    from fcvm.net import reap_record
-
-    return reap_record
 
 
 class RestoreFailed(GuestError):
@@ -122,70 +78,6 @@ class RestoreSource:
     # The page server the VM's memory comes from (files.page_server), which the VM then
     # depends on: (pid, vm_id of its record) - see Machine.failure().
     page_server: tuple[int, str] | None = None
-
-
-async def open_agent_session(
-    vmm: Vmm,
-    timeout: float,
-    resume: bool = False,
-    mark: Callable[[str], None] | None = None,
-    hello_extra: dict[str, Any] | None = None,
-) -> Session:
-    """Connect to the guest agent and complete the session handshake. With resume, the
-    VM is a paused restore: it runs once the host is connected (so the guest never
-    sees its agent port without a host). mark(step) records the steps' times;
-    hello_extra goes into our HELLO (a restored guest's identity)."""
-    session: Session | None = None
-    try:
-        reader, writer = await vmm.open_agent_stream(timeout=timeout)
-        if resume:
-            vmm.resume()
-            if mark is not None:
-                mark("vm-resumed")
-        session = Session(reader, writer, role="host", hello_extra=hello_extra)
-        await session.start(timeout=timeout)
-    except BaseException as exc:
-        if session is not None:  # e.g. cancelled while waiting for HELLO: close it quietly
-            await asyncio.shield(session.close())
-        if isinstance(exc, TimeoutError | ProtocolError | ConnectionError):
-            raise _no_session(vmm, exc, timeout) from None
-        raise
-    return session
-
-
-def _no_session(vmm: Vmm, exc: BaseException, timeout: float) -> GuestError:
-    if isinstance(exc, TimeoutError):
-        return GuestError(
-            f"the guest agent did not answer within {timeout:.0f}s",
-            hint=vmm.failure_detail() or None,
-        )
-    return GuestError(f"no session with the guest agent: {exc}", hint=vmm.failure_detail() or None)
-
-
-async def _start_control(
-    path: Path, session: Callable[[], Session], on_request: Any = None
-) -> Closable:
-    from fcvm.relay import start_relay
-
-    return await start_relay(path, session, on_request)
-
-
-def _make_vmm(choice: Choice, config: VmConfig) -> Vmm:
-    from fcvm.vmm.select import instantiate
-
-    return instantiate(choice, config)
-
-
-@dataclass(frozen=True)
-class Parts:
-    """How a Machine makes each thing it owns. Defaults are the real ones."""
-
-    records: Records = field(default_factory=lambda: state)
-    setup_network: Callable[[str, str, list[PortForward], Path], NetworkLike] = _setup_network
-    network_reaper: Callable[[], state.Reaper] = _reap_network
-    make_vmm: Callable[[Choice, VmConfig], Vmm] = _make_vmm
-    open_session: Callable[..., Awaitable[Session]] = open_agent_session
-    start_control: Callable[..., Awaitable[Closable]] = _start_control
 
 
 class Phase(enum.Enum):
@@ -226,6 +118,7 @@ class Machine:
         self.disks: dict[str, Path] = {}  # writable drive -> this VM's own copy
         self.reflinked_disks: dict[str, bool] = {}  # ... and whether its last copy was one
         self.reconnects = 0  # sessions opened anew after a snapshot (see snapshot())
+        self.volumes: Stoppable | None = None  # the --map servers (machine/volumes.py)
         # What runs in the VM, for snapshots' metadata (the workload sets it).
         self.workload: dict[str, Any] = {}
         self._session: Session | None = None
@@ -295,6 +188,9 @@ class Machine:
         else:
             session = await self._restore(vmm, self.restore_source)
         self.timings.mark("agent-ready")
+        if spec.maps:
+            self.volumes = parts.serve_volumes(spec.maps, vmm)
+            undo.callback(_quietly, "stop serving the --map volumes", self.volumes.stop)
         control = await parts.start_control(
             paths.exec_socket(self.vm_id), lambda: self.session, self._client_request
         )
@@ -355,88 +251,28 @@ class Machine:
             msg["net"] = {**self.net.guest_params(), "mac": self.net.mac}
         return msg
 
+    # -- snapshots of the running VM (machine/snapshots.py) ----------------------
+
     async def snapshot(self, files: SnapshotFiles) -> dict[str, str]:
-        """Write a snapshot of this running VM (it goes on afterwards): both ends of the
-        session quiesced, the VM paused, memory and state saved, each writable disk
-        copied beside them (`disk-NAME`; the VMM has flushed it: it is paused), resumed.
-        Returns drive name -> disk file name in the snapshot's directory."""
-        vmm, session = self.vmm, self.session
-        assert vmm is not None
-        if not vmm.capabilities.snapshot:
-            raise vmm._unsupported("take snapshots")
-        from fcvm.machine import disks
+        """Write a snapshot of this running VM; it goes on afterwards. Returns drive
+        name -> disk file name beside the snapshot's files."""
+        from fcvm.machine.snapshots import snapshot
 
-        saved: dict[str, str] = {}
-        base = self.restore_source.files if self.restore_source is not None else None
-
-        def save() -> None:
-            vmm.save_snapshot(files, base=base)
-            for name, path in self.disks.items():
-                saved[name] = f"disk-{name}"
-                self.reflinked_disks[name] = disks.private_copy(
-                    path, files.state.parent / saved[name]
-                )
-
-        await session.quiesce()
-        try:
-            vmm.pause()
-            try:
-                await asyncio.to_thread(save)
-            finally:
-                vmm.resume()
-        finally:
-            if vmm.capabilities.agent_survives_snapshot:
-                await session.resume()
-            else:
-                await self._reconnect(session)
-        self.timings.mark("snapshot-saved")
-        return saved
-
-    async def _client_request(self, op: str, msg: dict[str, Any]) -> dict[str, Any]:
-        """A control-socket client's request, answered here (the owner's job)."""
-        from fcvm.session.control import RequestFailed
-
-        if op == "snapshot":
-            try:
-                return await self.save_named(str(msg.get("name", "")))
-            except GuestError as exc:  # (the FcvmError family: its one line goes back)
-                raise RequestFailed(exc.line()) from None
-            except StateError as exc:
-                raise RequestFailed(exc.line()) from None
-        raise RequestFailed(f"unknown request {op!r}")
+        return await snapshot(self, files)
 
     async def save_named(self, name: str) -> dict[str, Any]:
         """`fcvm snapshot create`: a named snapshot of this VM (it goes on running)."""
-        from fcvm.errors import FcvmError
-        from fcvm.snapshot import store
-        from fcvm.snapshot.layout import KIND_NAMED, SnapshotMeta, layout, validate_name
-        from fcvm.vmm import registry
+        from fcvm.machine.snapshots import save_named
 
-        try:
-            snap = layout(validate_name(name))
-            if snap.dir.exists():
-                raise StateError(f"a snapshot named {name!r} exists already",
-                                 hint="remove it with fcvm snapshots rm, or pick another name")
-            t0 = time.monotonic()
-            with store.writer(name) as writer:
-                files = SnapshotFiles(writer.layout.memory, writer.layout.vmstate)
-                disks = await self.snapshot(files)
-                spec = self.spec
-                meta = SnapshotMeta(
-                    name=name, kind=KIND_NAMED, vmm=spec.backend.backend,
-                    vmm_version=registry.load(spec.backend.backend).version(),
-                    accel=spec.backend.accel, mem_mib=spec.mem_mib, cpus=spec.vcpus,
-                    source_vm=self.vm_id, machine=spec.hardware(), workload=self.workload,
-                    disks=disks,
-                )  # fmt: skip
-                await asyncio.to_thread(writer.commit, meta)
-        except FcvmError as exc:
-            raise StateError(exc.line()) from None
-        return {"name": name, "seconds": round(time.monotonic() - t0, 3),
-                "bytes": store.size_on_disk(layout(name).dir),
-                "reflinked": all(self.reflinked_disks.values())}  # fmt: skip
+        return await save_named(self, name)
 
-    async def _reconnect(self, old: Session) -> None:
+    async def _client_request(self, op: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """A control-socket client's request, answered here (the owner's job)."""
+        from fcvm.machine.snapshots import client_request
+
+        return await client_request(self, op, msg)
+
+    async def reconnect(self, old: Session) -> None:
         """The backend reset the agent's connection at the snapshot (Firecracker): the
         quiesced agent waits for a host, as after a restore; this one connects anew.
         Channels of the old session are gone: callers attached to the container

@@ -15,8 +15,9 @@ from typing import Any
 
 from fcvm.errors import UsageError
 from fcvm.net.publish import PortForward
-from fcvm.vmm.base import Drive
+from fcvm.vmm.base import MAP_CHANNELS, Drive
 from fcvm.vmm.select import Choice
+from fcvm.volumes.spec import VolumeMap
 
 ROOT_DRIVE = "root"
 NETWORK_MODES = ("rootless", "bridged")
@@ -56,6 +57,8 @@ class MachineSpec:
     image: str = ""  # what `fcvm ls` shows as IMAGE
     cmdline_extra: tuple[str, ...] = ()  # more fcvm.* kernel parameters for the agent
     labels: dict[str, str] = field(default_factory=dict)  # kept in the VM's record
+    # host directories served to the guest (machine/volumes.py), map i on channel i
+    maps: tuple[VolumeMap, ...] = ()
 
     def __post_init__(self) -> None:
         names = [ROOT_DRIVE, *(d.name for d in self.drives)]
@@ -69,6 +72,8 @@ class MachineSpec:
             )
         if self.publish and self.network is None:
             raise UsageError("publishing ports needs a network")
+        if len(self.maps) > MAP_CHANNELS:
+            raise UsageError(f"at most {MAP_CHANNELS} --map volumes per VM")
 
     def drive_names(self) -> tuple[str, ...]:
         return (ROOT_DRIVE, *(d.name for d in self.drives))
@@ -90,7 +95,7 @@ class MachineSpec:
     @classmethod
     def from_hardware(
         cls, hw: dict[str, Any], *, name: str, network: str | None = None,
-        publish: tuple[PortForward, ...] = (),
+        publish: tuple[PortForward, ...] = (), maps: tuple[VolumeMap, ...] = (),
     ) -> MachineSpec:  # fmt: skip
         """The spec of a VM restored from a snapshot of `hardware()`; UsageError if that
         is not one, or its kernel, initrd or root disk are gone (`fcvm setup` rebuilt them
@@ -108,6 +113,7 @@ class MachineSpec:
                              for d in hw["drives"]),
                 image=str(hw.get("image", "")),
                 cmdline_extra=tuple(str(a) for a in hw.get("cmdline_extra", ())),
+                maps=maps,
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"the snapshot does not describe its VM ({exc})") from None

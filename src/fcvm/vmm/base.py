@@ -24,9 +24,15 @@ from fcvm.errors import VmmUnavailable
 if TYPE_CHECKING:
     import asyncio
 
+    from fcvm.vmm.endpoints import StreamEndpoint
     from fcvm.vmm.kvm import KvmStatus
 
 Accel = Literal["kvm", "tcg"]
+
+# Every VM has this many extra guest<->host streams, used or not, for --map volumes:
+# a fixed set keeps the device layout (what a snapshot records) the same whatever a
+# run maps. Their guest names and ports are in agent/protocol.py.
+MAP_CHANNELS = 8
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,11 @@ class Vmm(ABC):
     def failure_detail(self) -> str:
         """What the VMM and the guest said last, for the one-line error when it dies."""
         return ""
+
+    def map_endpoint(self, index: int) -> StreamEndpoint:
+        """The host end of extra stream `index` (0..MAP_CHANNELS-1), for a --map volume.
+        Made before the guest is asked to use it; its open() blocks until connected."""
+        raise self._unsupported("carry --map volumes")
 
     # -- snapshots (Capabilities.snapshot / .restore say whether these work) ----------
 

@@ -60,8 +60,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fcvm import errors, log
+from fcvm.agent.protocol import MAP_VSOCK_PORT_BASE
 from fcvm.vmm import fc_api, process
 from fcvm.vmm.base import Accel, Availability, Backend, Capabilities, SnapshotFiles, VmConfig
+from fcvm.vmm.endpoints import UnixListener
 from fcvm.vmm.fc_api import ApiClient, ApiRequest, FirecrackerApiError, SnapshotType
 
 if TYPE_CHECKING:
@@ -337,6 +339,10 @@ class FirecrackerVmm(process.ProcessVmm):
             self._resume_to_connect = False
             self.resume()
         return await connect_firecracker_vsock(str(self.vsock_path), self.vsock_port, timeout)
+
+    def map_endpoint(self, index: int) -> UnixListener:
+        """A guest connecting to vsock port P reaches the host's `<vsock uds>_P`."""
+        return UnixListener(Path(f"{self.vsock_path}_{MAP_VSOCK_PORT_BASE + index}"))
 
     def log_files(self) -> list[Path | None]:
         return [self.log_path, self.vmm_log_path, self.config.console_log]

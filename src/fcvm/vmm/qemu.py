@@ -5,7 +5,8 @@ finds virtio-mmio devices through ACPI), PVH entry of the ELF vmlinux, virtio-bl
 disks, virtio-rng (the TCG CPU has no RDRAND; without it podman waits for entropy),
 tsc_early_khz (microvm has no HPET/PM timer; TSC calibration hung ~1 boot in 8).
 The agent's byte stream is a virtio-serial port backed by a Unix socket that fcvm
-connects to (this host has no vhost-vsock).
+connects to (this host has no vhost-vsock); so is each --map volume's (MAP_CHANNELS
+ports on every VM, used or not, so snapshots see one device layout).
 """
 
 from __future__ import annotations
@@ -20,9 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcvm import log
+from fcvm.agent.protocol import MAP_PORT_NAME
 from fcvm.errors import VmmUnavailable
 from fcvm.vmm import process, qemu_stream
-from fcvm.vmm.base import Accel, Availability, Backend, Capabilities, SnapshotFiles, VmConfig
+from fcvm.vmm.base import (
+    MAP_CHANNELS,
+    Accel,
+    Availability,
+    Backend,
+    Capabilities,
+    SnapshotFiles,
+    VmConfig,
+)
+from fcvm.vmm.endpoints import UnixConnector
 from fcvm.vmm.process import ProcessVmm
 from fcvm.vmm.qmp import Qmp
 
@@ -136,6 +147,11 @@ class QemuVmm(ProcessVmm):
             "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
         ]  # fmt: skip
+        for i in range(MAP_CHANNELS):
+            argv += [
+                "-chardev", f"socket,id=map{i},path={self.map_socket(i)},server=on,wait=off",
+                "-device", f"virtserialport,chardev=map{i},name={MAP_PORT_NAME.format(i)}",
+            ]  # fmt: skip
         for drive in c.drives:
             ro = "on" if drive.read_only else "off"
             argv += [
@@ -154,6 +170,12 @@ class QemuVmm(ProcessVmm):
 
     def start(self) -> None:
         self._proc = process.spawn(self.argv(), log_path=self.log_path)
+
+    def map_socket(self, index: int) -> Path:
+        return self.config.workdir / f"map-{index}.sock"
+
+    def map_endpoint(self, index: int) -> UnixConnector:
+        return UnixConnector(self.map_socket(index))
 
     # -- snapshots ------------------------------------------------------------------
 

@@ -1,14 +1,10 @@
 """Host directories inside the container (`--map HOST:GUEST[:ro]`), through FUSE.
 
-spec.py      --map parsing -> VolumeMap
+spec.py      --map parsing -> VolumeMap (light: the CLI imports it)
 server.py    VolumeServer: one mapping's FUSE server (a thread of the owning fcvm)
 protocol.py  the FUSE wire format; base/entries/files.py the operations;
              nodes.py, locks.py, ownership.py, hostfs.py their parts
-relay.py     building the guest's fcvm-fuse-relay (data/fcvm-fuse-relay.c)
+relay.py     the guest's fcvm-fuse-relay (data/fcvm-fuse-relay.c, built by assets/cprog)
+
+Nothing is imported here: import the module you need (fcvm.volumes.server, ...).
 """
-
-from fcvm.volumes.relay import build_relay, relay_digest
-from fcvm.volumes.server import VolumeServer
-from fcvm.volumes.spec import VolumeMap, parse_maps
-
-__all__ = ["VolumeMap", "VolumeServer", "build_relay", "parse_maps", "relay_digest"]

@@ -1,9 +1,11 @@
 /*
  * fcvm-fuse-relay: the guest half of an fcvm --map volume.
  *
- *   fcvm-fuse-relay [--ro] MOUNTPOINT STREAM_FD
+ *   fcvm-fuse-relay [--ro] [--mntns PATH] MOUNTPOINT STREAM_FD
  *
- * Opens /dev/fuse, mounts a FUSE filesystem (type fuse.fcvm, source "fcvm",
+ * Opens /dev/fuse; with --mntns, enters the mount namespace PATH names (a container's
+ * /proc/PID/ns/mnt: /dev/fuse is opened first, in ours, since a container need not
+ * have it) and creates MOUNTPOINT there (mkdir -p, mode 0755); then mounts a FUSE filesystem (type fuse.fcvm, source "fcvm",
  * nosuid,nodev[,ro], default_permissions,allow_other) on MOUNTPOINT, then writes
  * one byte, 'R', to stdout and closes it: the mount exists from that moment (requests
  * wait until the host answers INIT). On a setup failure it prints one line on stderr
@@ -31,7 +33,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define HEADER_OUT 16
@@ -142,17 +146,51 @@ static void replies(char *buf)
     }
 }
 
+/* mkdir -p, each component made 0755 if missing; 0 or -1 with errno. */
+static int make_dirs(const char *path)
+{
+    char buf[4096];
+    if (strlen(path) >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(buf, path);
+    for (char *p = buf + 1;; p++) {
+        if (*p == '/' || *p == '\0') {
+            char c = *p;
+            *p = '\0';
+            if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+                return -1;
+            *p = c;
+            if (c == '\0')
+                return 0;
+        }
+    }
+}
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: fcvm-fuse-relay [--ro] [--mntns PATH] MOUNTPOINT STREAM_FD\n");
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     int ro = 0, argi = 1;
-    if (argc > 1 && strcmp(argv[1], "--ro") == 0) {
-        ro = 1;
-        argi++;
+    const char *mntns = NULL;
+    while (argi < argc && strncmp(argv[argi], "--", 2) == 0) {
+        if (strcmp(argv[argi], "--ro") == 0) {
+            ro = 1;
+            argi++;
+        } else if (strcmp(argv[argi], "--mntns") == 0 && argi + 1 < argc) {
+            mntns = argv[argi + 1];
+            argi += 2;
+        } else {
+            return usage();
+        }
     }
-    if (argc - argi != 2) {
-        fprintf(stderr, "usage: fcvm-fuse-relay [--ro] MOUNTPOINT STREAM_FD\n");
-        return 2;
-    }
+    if (argc - argi != 2)
+        return usage();
     mountpoint = argv[argi];
     char *end;
     long sfd = strtol(argv[argi + 1], &end, 10);
@@ -175,6 +213,18 @@ int main(int argc, char **argv)
     if (fuse_fd < 0) {
         perror("fcvm-fuse-relay: open /dev/fuse");
         return 1;
+    }
+    if (mntns) {
+        int ns = open(mntns, O_RDONLY | O_CLOEXEC);
+        if (ns < 0 || setns(ns, CLONE_NEWNS) < 0) {
+            fprintf(stderr, "fcvm-fuse-relay: enter %s: %s\n", mntns, strerror(errno));
+            return 1;
+        }
+        close(ns);
+        if (make_dirs(mountpoint) < 0) {
+            fprintf(stderr, "fcvm-fuse-relay: mkdir %s: %s\n", mountpoint, strerror(errno));
+            return 1;
+        }
     }
     char opts[160];
     snprintf(opts, sizeof opts,
