@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from fcvm.agent.container import Container
 from fcvm.agent.main import Agent
 from fcvm.agent.procs import Reaper
-from fcvm.agent.spec import ContainerSetup, ImageSource, ProcessSpec, SpecError, command_line
+from fcvm.agent.spec import (
+    ContainerSetup,
+    ImageSource,
+    MapMount,
+    ProcessSpec,
+    SpecError,
+    command_line,
+)
 from fcvm.relay import start_relay
 from fcvm.remote import BufferStdio, run_remote
 from fcvm.session import Session
@@ -33,6 +40,8 @@ def test_round_trip() -> None:
         ProcessSpec(mode="container", argv=("httpd",), health_check="http://localhost/",
                     health_timeout=5.5, env=(("http_proxy", "http://10.0.2.2:3128"),)),
         ProcessSpec(mode="container"),  # the image's own command
+        ProcessSpec(mode="container", maps=(MapMount(0, "/data"), MapMount(7, "/a/b", True))),
+        ProcessSpec(mode="exec", argv=("ls",), maps=(MapMount(1, "/x"),)),  # a clone's --exec
     ]  # fmt: skip
     for spec in specs:
         assert ProcessSpec.from_json(spec.to_json()) == spec
@@ -72,6 +81,21 @@ def test_podmans_rule_for_the_command_line() -> None:
         ({"mode": "container", "user": "1000"}, "the container's workdir and user"),
         ({"mode": "container", "health_timeout": -1}, "health_timeout must be above 0"),
         ({"mode": "exec", "argv": ["ls"], "health_check": "http://x/"}, "for container mode"),
+        ({"mode": "container", "maps": [{"channel": 8, "guest": "/d"}]}, "channel must be"),
+        ({"mode": "container", "maps": [{"channel": 0, "guest": "d"}]}, "must be absolute"),
+        ({"mode": "container", "maps": [{"channel": 0, "guest": "/"}]}, "must be absolute, not /"),
+        ({"mode": "container", "maps": [{"channel": 0, "guest": "/a/../etc"}]}, "without '..'"),
+        ({"mode": "container", "maps": [{"channel": 0, "guest": "/d", "x": 1}]}, "unknown field"),
+        ({"mode": "container", "maps": [{"channel": 0, "guest": "/d", "read_only": "y"}]},
+         "read_only must be true or false"),
+        ({"mode": "container", "maps": [{"channel": 0, "guest": "/d"},
+                                        {"channel": 0, "guest": "/e"}]}, "share a channel"),
+        ({"mode": "container", "maps": [{"channel": 0, "guest": "/d"},
+                                        {"channel": 1, "guest": "/d"}]}, "share a guest"),
+        ({"mode": "container", "maps": [{"channel": i, "guest": f"/{i}"} for i in range(9)]},
+         "at most 8 maps"),
+        ({"mode": "vm", "argv": ["ls"], "maps": [{"channel": 0, "guest": "/d"}]},
+         "not for vm mode"),
     ],
 )  # fmt: skip
 def test_malformed_specs_are_refused_with_the_field_named(data: Any, reason: str) -> None:
