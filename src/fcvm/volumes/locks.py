@@ -7,7 +7,7 @@ exactly as the kernel does for a local file, answers F_GETLK with the holder's p
 and queues F_SETLKW waiters, retried whenever a lock on that inode is released.
 Owners are opaque 64-bit ids from the kernel (one per process for POSIX locks, one per
 open file for OFD locks). Locks here are seen by the guest's processes only, not by
-host processes locking the same file (see DESIGN-volumes.md).
+host processes locking the same file (see DESIGN.md, Volumes).
 
 Ranges are inclusive [start, end]; end = OFFSET_MAX means "to the end of file".
 """

@@ -52,7 +52,7 @@ def fd_budget(max_nodes: int, max_handles: int) -> tuple[int, int]:
     """The caps, lowered to fit this process's RLIMIT_NOFILE soft limit (minus a
     reserve for the rest of fcvm): every node and handle is one descriptor, and running
     the whole process out of them would break more than this mapping. The owner should
-    raise the soft limit (see DESIGN-volumes.md) and, with several maps, pass caps."""
+    raise the soft limit (see DESIGN.md, Volumes) and, with several maps, pass caps."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return max_nodes, max_handles
