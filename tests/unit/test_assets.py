@@ -170,6 +170,38 @@ def test_changed_agent_source_makes_assets_stale(base: Path, agent_src: Path) ->
         assets.resolve_assets()
 
 
+def _age(paths: list[Path], seconds: float) -> None:
+    for p in paths:
+        st = p.stat()
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_a_checked_source_tree_is_not_hashed_again_until_a_file_changes(
+    base: Path, agent_src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_setup(base)
+    files = [p for p in agent_src.rglob("*") if p.is_file()] + [cache.manifest_path()]
+    _age(files, 60)
+    assets.resolve_assets()
+    assert (base / "assets-checked").is_file()
+    calls: list[int] = []
+    real = assets._keys_stale_reason
+    monkeypatch.setattr(assets, "_keys_stale_reason", lambda m: calls.append(1) or real(m))
+    assets.resolve_assets()
+    assert calls == []  # nothing changed: the stamp matched
+    main = agent_src / "agent" / "main.py"
+    main.write_text("def main():\n    return 7\n")  # same size, a new mtime
+    with pytest.raises(NotSetUp):
+        assets.resolve_assets()
+    assert calls == [1]
+
+
+def test_a_stamp_of_just_changed_files_is_not_kept(base: Path, agent_src: Path) -> None:
+    fake_setup(base)  # files written just now: their mtimes could hide a change
+    assets.resolve_assets()
+    assert not (base / "assets-checked").exists()
+
+
 def test_missing_file_or_changed_recipe_makes_assets_stale(
     base: Path, agent_src: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
