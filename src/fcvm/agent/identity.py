@@ -117,14 +117,25 @@ def apply(msg: dict[str, Any], params: dict[str, str], container: Container | No
     log. params are the running network parameters (updated)."""
     t0 = time.monotonic()
     done: dict[str, Any] = {}
+    steps: dict[str, float] = {}  # milliseconds each step took (bench/ reads them)
+
+    def step(name: str, since: float) -> float:
+        now = time.monotonic()
+        steps[name] = round((now - since) * 1000, 1)
+        return now
+
+    t = t0
     if isinstance(msg.get("time_ns"), int):
         done["clock_step_s"] = round(set_clock(msg["time_ns"], t0), 3)
+        t = step("clock", t)
     if isinstance(msg.get("entropy"), str):
         add_entropy(base64.b64decode(msg["entropy"]))
         done["entropy"] = True
+        t = step("entropy", t)
     if isinstance(msg.get("hostname"), str) and msg["hostname"]:
         set_hostname(msg["hostname"], container)
         done["hostname"] = msg["hostname"]
+        t = step("hostname", t)
     net = msg.get("net")
     if isinstance(net, dict):
         wanted = {k: str(v) for k, v in net.items() if k in NET_KEYS and v is not None}
@@ -133,7 +144,9 @@ def apply(msg: dict[str, Any], params: dict[str, str], container: Container | No
             params.clear()
             params.update(wanted)
             done["network"] = changed
+        t = step("network", t)
     done["seconds"] = round(time.monotonic() - t0, 4)
+    done["steps_ms"] = steps
     # (the host logs what this returns: a console line costs milliseconds under TCG)
     return done
 
