@@ -12,13 +12,20 @@ the creating *thread*, and a runner that calls setup_network from a worker threa
 would lose its network when that thread ends. What cannot die with a process
 (iptables rules, the lease, a stray veth) is in the record and is removed by
 teardown_from_record, by `fcvm gc`, or by the next setup_network (stale leases).
+
+The holder is also how other processes enter the namespaces (netns_exec). fcvm
+itself keeps an fd open on each namespace (`NsFds`): they die with fcvm like the
+pipes, and they let a helper that died be replaced inside the very same namespaces
+(watch.py) even when no holder is left to nsenter through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fcvm.errors import FcvmError
@@ -49,18 +56,82 @@ def userns_hint() -> str:
     return "unprivileged user namespaces look allowed; see the message above"
 
 
-def spawn_holder(userns: bool) -> subprocess.Popen[bytes]:
+@dataclass
+class NsFds:
+    """fcvm's own fds on the VM's namespaces (user: -1 when there is no user namespace).
+
+    The paths are /proc/self/fd/N: valid in a child that inherits the fds (pass_fds)."""
+
+    net: int
+    user: int = -1
+
+    @classmethod
+    def of(cls, pid: int, userns: bool) -> NsFds:
+        net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC) if userns else -1
+        except OSError:
+            os.close(net)
+            raise
+        return cls(net, user)
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return (self.net,) if self.user < 0 else (self.net, self.user)
+
+    @property
+    def net_path(self) -> str:
+        return f"/proc/self/fd/{self.net}"
+
+    @property
+    def user_path(self) -> str:
+        return f"/proc/self/fd/{self.user}"
+
+    def enter_user(self) -> list[str]:
+        """An nsenter prefix into the user namespace only (slirp4netns stays in the
+        host's network namespace); empty without a user namespace."""
+        if self.user < 0:
+            return []
+        nsenter = need_tool("nsenter", "entering the VM's namespace")
+        return [nsenter, f"--user={self.user_path}", "--preserve-credentials", "--"]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.net = self.user = -1
+
+
+def holder_cmd(userns: bool) -> list[str]:
+    """A holder making new namespaces."""
     cmd = [need_tool("unshare", "network namespaces")]
     if userns:
         cmd += ["--user", "--map-root-user"]
-    cmd += ["--net", "--", "/bin/sh", "-c", _HOLD]
-    p = subprocess.Popen(
+    return [*cmd, "--net", "--", "/bin/sh", "-c", _HOLD]
+
+
+def replacement_holder_cmd(ns: NsFds) -> list[str]:
+    """A holder entering the existing namespaces through fcvm's fds (pass ns.fds)."""
+    cmd = [need_tool("nsenter", "entering the VM's namespace"), f"--net={ns.net_path}"]
+    if ns.user >= 0:
+        cmd += [f"--user={ns.user_path}", "--preserve-credentials"]
+    return [*cmd, "--", "/bin/sh", "-c", _HOLD]
+
+
+def launch_holder(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start a holder; it says "ready" on stdout once in its namespaces."""
+    return subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        pass_fds=pass_fds,
         start_new_session=True,  # a Ctrl-C at the terminal is fcvm's to handle
     )
+
+
+def spawn_holder(userns: bool) -> subprocess.Popen[bytes]:
+    p = launch_holder(holder_cmd(userns))
     assert p.stdout is not None and p.stderr is not None
     ready, _, _ = select.select([p.stdout], [], [], 10)
     line = p.stdout.readline() if ready else b""
@@ -106,16 +177,22 @@ def bridge_lines(port: str, port_is_tap: bool) -> list[str]:
     return lines
 
 
+def keep_stdin(p: subprocess.Popen[bytes]) -> int:
+    """Our end of the holder's stdin, kept (non-inheritable): EOF on it ends the holder."""
+    assert p.stdin is not None
+    fd = os.dup(p.stdin.fileno())
+    p.stdin.close()
+    return fd
+
+
 def start_holder(h: NetHandle, userns: bool) -> subprocess.Popen[bytes]:
     """Make h's namespaces (their holder is then in h's record and lease) and set
     h.netns_exec to enter them."""
     holder = spawn_holder(userns)
-    h._children.append(holder)
-    assert holder.stdin is not None
-    h._keep_fds.append(os.dup(holder.stdin.fileno()))  # non-inheritable, like the original
-    holder.stdin.close()
+    h.add_helper("holder", holder, keep_stdin(holder))
     h._rec["holder"] = [holder.pid, start_time(holder.pid)]
     h._rec["userns"] = userns
     h.save_lease()  # from here a killed fcvm leaves a lease naming the holder
     h.netns_exec = nsenter_prefix(holder.pid, userns)
+    h._ns = NsFds.of(holder.pid, userns)
     return holder
