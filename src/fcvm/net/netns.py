@@ -193,6 +193,6 @@ def start_holder(h: NetHandle, userns: bool) -> subprocess.Popen[bytes]:
     h._rec["holder"] = [holder.pid, start_time(holder.pid)]
     h._rec["userns"] = userns
     h.save_lease()  # from here a killed fcvm leaves a lease naming the holder
-    h.netns_exec = nsenter_prefix(holder.pid, userns)
     h._ns = NsFds.of(holder.pid, userns)
+    h.netns_exec = nsenter_prefix(holder.pid, userns)
     return holder
