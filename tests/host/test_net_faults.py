@@ -243,3 +243,21 @@ def test_teardown_while_a_replacement_starts(tmp_path: Path) -> None:
     h.teardown()
     assert_gone(h.record())
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("mode", ["rootless", "bridged"])
+def test_owner_killed_during_setup_is_reaped_from_the_lease(
+    mode: str, tmp_path: Path, base: Path
+) -> None:
+    """A VM record holds no network yet when its owner dies inside setup_network: the
+    reaper finds the lease by the VM's id."""
+    from fcvm.net import reap_record
+    from fcvm.state import VmRecord
+    from tests.host.test_net import _setup_then_kill9
+
+    port = free_port()
+    rec = _setup_then_kill9("ks1", mode, f"{port}:80", tmp_path / "w")
+    assert "ks1" in leases(base)
+    reap_record(VmRecord(vm_id="ks1", name="x"))  # (network: {})
+    assert_gone(rec)
+    reap_record(VmRecord(vm_id="ks1", name="x"))  # nothing left to do

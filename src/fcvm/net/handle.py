@@ -209,9 +209,22 @@ def _undo_locked(rec: Record, leases: Leases) -> None:
 
 
 def reap_record(vm: VmRecord) -> None:
-    """state.reap_stale()'s reaper for a VM whose owner died: undo its network."""
-    if vm.network:
-        teardown_from_record(vm.network)
+    """state.reap_stale()'s reaper for a VM whose owner died: undo its network.
+
+    The VM's record gets its network's copy only once setup_network has returned; an
+    owner killed during the setup leaves just the lease (same id), undone from there."""
+    rec = vm.network or _dead_lease(vm.vm_id)
+    if rec:
+        teardown_from_record(rec)
+
+
+def _dead_lease(vm_id: str) -> Record | None:
+    with Leases(paths.net_dir()) as leases:
+        rec = leases.leases.get(vm_id)
+    if rec is None:
+        return None
+    owner = rec.get("owner") or [0, None]
+    return None if alive(owner[0], owner[1]) else rec
 
 
 def _latest(record: Record) -> Record | None:
