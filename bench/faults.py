@@ -11,13 +11,14 @@ so nothing else's state is counted). Victims take turns, each in both network mo
 (slirp4netns: rootless only) and half its runs with FCVM_NO_SNAPSHOT=1 (a cold boot);
 the others use the image cache: restored from its snapshot, or (a quarter of them)
 with the cache emptied first so that the run writes it.
-At a moment drawn uniformly from spawn to the run's expected end (measured by the
-first runs of each kind) it kills, with SIGKILL:
+At a moment drawn uniformly from spawn to 0.9 x the run's expected length (the
+shortest whole run of its kind so far) it kills, with SIGKILL:
 
     fcvm         the `fcvm podman run` process
     vmm          the VMM (qemu-system-x86_64 here)
     slirp4netns  rootless mode's network helper
-    holder       the namespace holder (both modes)
+    holder       the namespace holder (both modes; nothing needs it once the network
+                 is set up: fcvm holds and enters the namespaces by its own fds)
     container    the container's PID 1, from inside the guest: `fcvm exec --vm --
                  podman kill --signal KILL fcvm` or `pkill -KILL -x sleep`, alternately
     pageserver   not on this backend: the QEMU backend cannot restore from a page server
@@ -605,8 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         "named_netns": named_netns(),
     }
     t_start = time.monotonic()
-    # how long a run lasts, per (mode, snapshot use): the first run of each kind measures
-    # it; until then a guess (cold boot ~6 s under TCG, a restore ~1 s)
+    # how long a run lasts, per (mode, snapshot use): the shortest whole run of each kind
+    # so far; until there is one, a guess (cold boot ~6 s under TCG, a restore ~1 s)
     expected: dict[tuple[str, bool], float] = {}
     runs: list[Run] = []
     first_seen: dict[str, dict[str, int]] = {}
@@ -615,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         guess = expected.get(kind, args.sleep + (1.5 if snap == "restore" else 7.0))
         run = Run(i, mode, victim, snap, delay=round(rng.uniform(0, 0.9 * guess), 3))
         one_run(run, base, env, args.sleep, logs)
-        if run.exit_code == 0 and kind not in expected:
-            expected[kind] = run.seconds
+        if run.exit_code == 0:  # (the shortest whole run of its kind seen)
+            expected[kind] = min(run.seconds, expected.get(kind, run.seconds))
         note_new(first_seen, i, base, before)
         runs.append(run)
         print(

@@ -100,30 +100,34 @@ def test_slirp4netns_killed_is_restarted_with_its_ports(tmp_path: Path, base: Pa
 
 
 @pytest.mark.parametrize("mode", ["rootless", "bridged"])
-def test_holder_killed_is_replaced_and_nothing_breaks(mode: str, tmp_path: Path) -> None:
+def test_holder_killed_breaks_nothing(mode: str, tmp_path: Path) -> None:
     port = free_port()
     h = setup_network("hk1", mode, parse_publish([f"{port}:8080"]), workdir=tmp_path / "w")
     first = h.record()
-    inode = ns_inode(h.holder_pid or 0)
+    holder = int(first["holder"][0])
+    inode = ns_inode(holder)
     host = h.host_ip if mode == "rootless" else "127.0.0.1"
     try:
         with FakeGuest(h) as g:  # (it keeps the namespace's bridge busy, as a VMM would)
             g.serve("guest", 8080)
-            kill9(int(first["holder"][0]))
-            line, took = checks_until_settled(h)
-            assert line is None and took < 2.0
-            assert not_a_zombie(int(first["holder"][0]))
-            holder = h.holder_pid or 0
-            assert holder != first["holder"][0]
-            assert ns_inode(holder) == inode  # the same namespace, not a new one
-            assert f"--target={holder}" in h.netns_exec
-            assert "br0" in run_in(h.netns_exec, "ip", "-o", "link")  # the way in works
+            kill9(holder)
+            assert h.check() is None
+            assert not_a_zombie(holder)
+            assert h.check() is None and h._watch is not None and not h._watch.pending
+            # the way in does not go through the holder: a VMM started now gets in
+            assert str(os.getpid()) in " ".join(h.netns_exec)
+            assert "br0" in run_in(h.netns_exec, "ip", "-o", "link")
+            out = run_in(h.netns_exec, "sh", "-c", "stat -L -c %i /proc/self/ns/net")
+            assert int(out) == inode  # the same namespace, alive without its holder
             # traffic never stopped
             assert roundtrip(host, port, n=1 << 16) == expect("guest", 1 << 16)
+            if mode == "rootless":  # and slirp4netns can still be restarted
+                kill9(int(h.record()["slirp"][0]))
+                assert checks_until_settled(h)[0] is None
+                assert roundtrip(host, port, n=4096) == expect("guest", 4096)
     finally:
         h.teardown()
     assert_gone(h.record(), inode)
-    assert_gone(first)
 
 
 def test_both_helpers_killed_at_once(tmp_path: Path) -> None:
@@ -147,12 +151,16 @@ def test_no_fd_left_after_restarts(mode: str, tmp_path: Path) -> None:
     """Pipes and namespace fds of dead helpers and their replacements are all closed."""
     before = sorted(os.listdir("/proc/self/fd"))
     h = setup_network("fd1", mode, [], workdir=tmp_path / "w")
-    for _ in range(2):
-        for key in ("holder", "slirp"):
-            if h.record().get(key):
-                kill9(int(h.record()[key][0]))
-        assert checks_until_settled(h)[0] is None
-    h.teardown()
+    try:
+        for _ in range(2):
+            for key in ("holder", "slirp"):
+                v = h.record().get(key)
+                if v and start_time(v[0]) == v[1]:
+                    kill9(int(v[0]))
+            assert checks_until_settled(h)[0] is None
+    finally:
+        h.teardown()
+    assert_gone(h.record())
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
@@ -238,8 +246,8 @@ def test_teardown_while_a_replacement_starts(tmp_path: Path) -> None:
     h = setup_network("tw1", "rootless", [], workdir=tmp_path / "w")
     for key in ("holder", "slirp"):
         kill9(int(h.record()[key][0]))
-    assert h.check() is None  # replacements launched, not yet ready
-    assert h._watch is not None and set(h._watch.pending) == {"holder", "slirp"}
+    assert h.check() is None  # slirp4netns' replacement launched, not yet ready
+    assert h._watch is not None and set(h._watch.pending) == {"slirp"}
     h.teardown()
     assert_gone(h.record())
     assert sorted(os.listdir("/proc/self/fd")) == before

@@ -1,4 +1,4 @@
-"""The VM's network namespace: the holder process that keeps it, nsenter into it, br0 + tap0.
+"""The VM's network namespace: the holder that makes it, fcvm's fds on it, br0 + tap0.
 
 Both layouts (rootless.py, bridged.py) put the VM in a network namespace of its own
 (plus a user namespace when rootless and not root), with ``br0`` bridging the VM's
@@ -13,10 +13,14 @@ would lose its network when that thread ends. What cannot die with a process
 (iptables rules, the lease, a stray veth) is in the record and is removed by
 teardown_from_record, by `fcvm gc`, or by the next setup_network (stale leases).
 
-The holder is also how other processes enter the namespaces (netns_exec). fcvm
-itself keeps an fd open on each namespace (`NsFds`): they die with fcvm like the
-pipes, and they let a helper that died be replaced inside the very same namespaces
-(watch.py) even when no holder is left to nsenter through.
+Right after the holder has made them, fcvm opens an fd on each namespace (`NsFds`)
+and keeps it until teardown: those fds hold the namespaces too (and die with fcvm
+like the pipes), and everything enters the namespaces through them, not through the
+holder: netns_exec is `nsenter --net=/proc/<fcvm pid>/fd/N ...` (the VMM is launched
+with it), and slirp4netns is given /proc/self/fd/N. So once the network is set up
+the holder's death breaks nothing (watch.py reaps it and says so): the VMM and
+fcvm's fds keep the namespaces, and a slirp4netns restart or a VMM launched after it
+still gets in. The holder stays for what it was made for, and the record names it.
 """
 
 from __future__ import annotations
@@ -58,27 +62,29 @@ def userns_hint() -> str:
 
 @dataclass
 class NsFds:
-    """fcvm's own fds on the VM's namespaces (user: -1 when there is no user namespace).
-
-    The paths are /proc/self/fd/N: valid in a child that inherits the fds (pass_fds)."""
+    """fcvm's own fds on the VM's namespaces (user: -1 when there is no user namespace)."""
 
     net: int
     user: int = -1
 
     @classmethod
     def of(cls, pid: int, userns: bool) -> NsFds:
-        net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise FcvmError(f"the namespace holder (pid {pid}) is gone: {e.strerror}") from None
         try:
             user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC) if userns else -1
-        except OSError:
+        except OSError as e:
             os.close(net)
-            raise
+            raise FcvmError(f"the namespace holder (pid {pid}) is gone: {e.strerror}") from None
         return cls(net, user)
 
     @property
     def fds(self) -> tuple[int, ...]:
         return (self.net,) if self.user < 0 else (self.net, self.user)
 
+    # In a child given the fds (pass_fds): /proc/self/fd/N.
     @property
     def net_path(self) -> str:
         return f"/proc/self/fd/{self.net}"
@@ -88,12 +94,25 @@ class NsFds:
         return f"/proc/self/fd/{self.user}"
 
     def enter_user(self) -> list[str]:
-        """An nsenter prefix into the user namespace only (slirp4netns stays in the
-        host's network namespace); empty without a user namespace."""
+        """An nsenter prefix into the user namespace only, for a child given the fds
+        (slirp4netns: it stays in the host's network namespace); [] without one."""
         if self.user < 0:
             return []
         nsenter = need_tool("nsenter", "entering the VM's namespace")
         return [nsenter, f"--user={self.user_path}", "--preserve-credentials", "--"]
+
+    def nsenter_prefix(self) -> tuple[str, ...]:
+        """netns_exec: enter the namespaces from any process of ours (or root) while this
+        one lives, through this process's fds (/proc/<pid>/fd/N; no fd to pass)."""
+        me = os.getpid()
+        pre = [
+            need_tool("nsenter", "entering the VM's namespace"),
+            f"--net=/proc/{me}/fd/{self.net}",
+        ]
+        if self.user >= 0:
+            # keep our uid/gids (e.g. the kvm group); the mapped uid is root in the userns
+            pre += [f"--user=/proc/{me}/fd/{self.user}", "--preserve-credentials"]
+        return (*pre, "--")
 
     def close(self) -> None:
         for fd in self.fds:
@@ -102,36 +121,18 @@ class NsFds:
         self.net = self.user = -1
 
 
-def holder_cmd(userns: bool) -> list[str]:
-    """A holder making new namespaces."""
+def spawn_holder(userns: bool) -> subprocess.Popen[bytes]:
     cmd = [need_tool("unshare", "network namespaces")]
     if userns:
         cmd += ["--user", "--map-root-user"]
-    return [*cmd, "--net", "--", "/bin/sh", "-c", _HOLD]
-
-
-def replacement_holder_cmd(ns: NsFds) -> list[str]:
-    """A holder entering the existing namespaces through fcvm's fds (pass ns.fds)."""
-    cmd = [need_tool("nsenter", "entering the VM's namespace"), f"--net={ns.net_path}"]
-    if ns.user >= 0:
-        cmd += [f"--user={ns.user_path}", "--preserve-credentials"]
-    return [*cmd, "--", "/bin/sh", "-c", _HOLD]
-
-
-def launch_holder(cmd: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """Start a holder; it says "ready" on stdout once in its namespaces."""
-    return subprocess.Popen(
+    cmd += ["--net", "--", "/bin/sh", "-c", _HOLD]
+    p = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        pass_fds=pass_fds,
         start_new_session=True,  # a Ctrl-C at the terminal is fcvm's to handle
     )
-
-
-def spawn_holder(userns: bool) -> subprocess.Popen[bytes]:
-    p = launch_holder(holder_cmd(userns))
     assert p.stdout is not None and p.stderr is not None
     ready, _, _ = select.select([p.stdout], [], [], 10)
     line = p.stdout.readline() if ready else b""
@@ -149,14 +150,6 @@ def spawn_holder(userns: bool) -> subprocess.Popen[bytes]:
     p.stdout.close()
     p.stderr.close()
     return p
-
-
-def nsenter_prefix(pid: int, userns: bool) -> tuple[str, ...]:
-    pre = [need_tool("nsenter", "entering the VM's namespace"), f"--target={pid}", "--net"]
-    if userns:
-        # keep our uid/gids (e.g. the kvm group); the mapped uid is root in the userns
-        pre += ["--user", "--preserve-credentials"]
-    return (*pre, "--")
 
 
 def ns_batch(netns_exec: tuple[str, ...], lines: list[str], what: str) -> None:
@@ -177,22 +170,16 @@ def bridge_lines(port: str, port_is_tap: bool) -> list[str]:
     return lines
 
 
-def keep_stdin(p: subprocess.Popen[bytes]) -> int:
-    """Our end of the holder's stdin, kept (non-inheritable): EOF on it ends the holder."""
-    assert p.stdin is not None
-    fd = os.dup(p.stdin.fileno())
-    p.stdin.close()
-    return fd
-
-
 def start_holder(h: NetHandle, userns: bool) -> subprocess.Popen[bytes]:
-    """Make h's namespaces (their holder is then in h's record and lease) and set
-    h.netns_exec to enter them."""
+    """Make h's namespaces (their holder is then in h's record and lease), open fcvm's
+    fds on them and set h.netns_exec to enter them."""
     holder = spawn_holder(userns)
-    h.add_helper("holder", holder, keep_stdin(holder))
+    assert holder.stdin is not None
+    h.add_helper("holder", holder, os.dup(holder.stdin.fileno()))  # (non-inheritable)
+    holder.stdin.close()
     h._rec["holder"] = [holder.pid, start_time(holder.pid)]
     h._rec["userns"] = userns
     h.save_lease()  # from here a killed fcvm leaves a lease naming the holder
     h._ns = NsFds.of(holder.pid, userns)
-    h.netns_exec = nsenter_prefix(holder.pid, userns)
+    h.netns_exec = h._ns.nsenter_prefix()
     return holder

@@ -10,23 +10,22 @@ What the death of each helper breaks, and what is done about it:
   API. The guest keeps its address, gateway, DNS and the gateway's MAC (slirp's
   are fixed), so it notices nothing but the loss of the connections the old one
   carried (slirp4netns terminates TCP itself): those break, new ones work.
-- the namespace holder (both modes) keeps the namespaces alive before the VMM is in
-  them and is how other processes enter them (netns_exec = nsenter --target=holder).
-  Once the VMM runs, the VMM's own process keeps the namespaces, and fcvm keeps fds
-  on them too (netns.NsFds), so the holder's death breaks no packet: veth0/br0/tap0
-  and slirp0 live on. What it breaks is the way in: netns_exec and a later restart
-  of slirp4netns. A new holder is started inside the same namespaces (entered
-  through fcvm's fds) and netns_exec, the record and the lease name it.
+- the namespace holder (both modes) makes the namespaces and holds them until fcvm has
+  its own fds on them (netns.py), a moment later. After that, its death breaks
+  nothing: the VMM's process and fcvm's fds keep the namespaces (veth0/br0/tap0 and
+  slirp0 live on, no packet is lost), and everything that enters them (netns_exec,
+  hence the VMM's launch; a slirp4netns restart) goes through fcvm's fds. It is
+  reaped and the death is said in one warning; nothing is restarted.
 - bridged mode's host veth is no process, but if it is deleted the VM is cut off
   (its peer goes with it): that is reported (cheap: one stat per check).
 
 Every dead helper is reaped at once (no zombie) and our end of its pipe closed. A
-replacement is started and its readiness polled on later checks, never waited for:
-a check never blocks on it. The record and lease name the replacement from its
-start, so teardown_from_record (gc after kill -9 of fcvm) ends it too. A helper
-that keeps dying (more than MAX_RESTARTS in RESTART_WINDOW seconds), or whose
-replacement does not come up within READY_TIMEOUT, is reported in one line: the
-Machine then stops the VM with it.
+slirp4netns replacement is started, and its readiness polled on later checks: a
+check never waits for it (the slowest check, the one that forks it, takes ~2-4 ms).
+The record and lease name the replacement from its start, so teardown_from_record
+(gc after kill -9 of fcvm) ends it too. One that keeps dying (more than MAX_RESTARTS
+in RESTART_WINDOW seconds), or whose replacement does not come up within
+READY_TIMEOUT, is reported in one line: the Machine then stops the VM with it.
 """
 
 from __future__ import annotations
@@ -87,14 +86,15 @@ def describe_exit(code: int) -> str:
 
 @dataclass
 class _Pending:
-    """A replacement started, not yet ready: it says `expect` on ready_fd when it is."""
+    """A slirp4netns replacement started, not yet ready: it writes "1" to ready_fd
+    when it is."""
 
     helper: Helper
     ready_fd: int
-    expect: bytes
     deadline: float
     died: str  # how the one it replaces died, for messages
     got: bytes = b""
+    expect: bytes = b"1"
 
 
 @dataclass
@@ -129,6 +129,10 @@ class Watch:
     def _replace(self, old: Helper, code: int) -> str | None:
         died = f"{old.name} (pid {old.proc.pid}) {describe_exit(code)}"
         old.close_fd()
+        if old.key == "holder":  # nothing depends on it any more (see above)
+            del self.h._helpers[old.key]
+            _log.warning("%s; the VM's network does not need it any more", died)
+            return None
         now = time.monotonic()
         recent = [t for t in self.deaths.get(old.key, []) if now - t < RESTART_WINDOW]
         recent.append(now)
@@ -147,22 +151,15 @@ class Watch:
         return None
 
     def _launch(self, key: str, died: str) -> _Pending:
-        from fcvm.net import netns, rootless
+        from fcvm.net import rootless
 
         h = self.h
-        if h._ns is None:
-            raise FcvmError("no handle on the VM's namespaces")
-        deadline = time.monotonic() + READY_TIMEOUT
-        if key == "slirp":
-            start = rootless.launch_slirp(h)
-            helper = Helper(key, start.proc, start.exit_fd)
-            h._helpers[key] = helper
-            return _Pending(helper, start.ready_fd, b"1", deadline, died)
-        proc = netns.launch_holder(netns.replacement_holder_cmd(h._ns), h._ns.fds)
-        helper = Helper(key, proc, netns.keep_stdin(proc))
+        if key != "slirp" or h._ns is None:
+            raise FcvmError(f"no way to restart {NAMES.get(key, key)}")
+        start = rootless.launch_slirp(h)
+        helper = Helper(key, start.proc, start.exit_fd)
         h._helpers[key] = helper
-        assert proc.stdout is not None
-        return _Pending(helper, proc.stdout.fileno(), b"ready", deadline, died)
+        return _Pending(helper, start.ready_fd, time.monotonic() + READY_TIMEOUT, died)
 
     def _advance(self, p: _Pending) -> str | None:
         """Poll a replacement: finish it once ready; a line if it failed."""
@@ -190,41 +187,29 @@ class Watch:
         if not why:
             return None
         del self.pending[helper.key]
-        detail = self._last_words(helper)
+        from fcvm.net import rootless
+
+        detail = rootless.slirp_log_tail(self.h._rec)
         _close_ready(p)
         return f"{p.died}; restarting it failed: {why}" + (f" ({detail})" if detail else "")
 
     def _ready(self, p: _Pending) -> str | None:
+        from fcvm.net import rootless
+
         h, helper = self.h, p.helper
         del self.pending[helper.key]
         _close_ready(p)
         try:
-            if helper.key == "slirp":
-                from fcvm.net import rootless
-
-                rootless.add_forwards(h)
-            else:
-                from fcvm.net import netns
-
-                h.netns_exec = netns.nsenter_prefix(helper.proc.pid, bool(h._rec.get("userns")))
-                h._rec["netns_exec"] = list(h.netns_exec)
+            rootless.add_forwards(h)
         except FcvmError as e:
             return f"{p.died}; its replacement failed: {e}"
         self._save()
-        _log.warning("%s is running again (pid %d)", helper.name, helper.proc.pid)
+        _log.warning(
+            "%s is running again (pid %d); connections it carried were lost",
+            helper.name,
+            helper.proc.pid,
+        )
         return None
-
-    def _last_words(self, helper: Helper) -> str:
-        if helper.key == "slirp":
-            from fcvm.net import rootless
-
-            return rootless.slirp_log_tail(self.h._rec)
-        err = helper.proc.stderr
-        if err is None or err.closed or helper.proc.poll() is None:
-            return ""  # (a live holder's stderr would block)
-        with contextlib.suppress(OSError, ValueError):
-            return " ".join(err.read(400).decode(errors="replace").split())[:200]
-        return ""
 
     def _save(self) -> None:
         try:
@@ -242,12 +227,5 @@ class Watch:
 
 
 def _close_ready(p: _Pending) -> None:
-    helper = p.helper
-    if helper.key == "holder":  # ready_fd is the holder's stdout: the Popen's to close
-        for stream in (helper.proc.stdout, helper.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        return
     with contextlib.suppress(OSError):
         os.close(p.ready_fd)
