@@ -560,7 +560,7 @@ def summarize(runs: list[Run], per: dict[int, dict[str, list[str]]]) -> dict[str
         v["hung"] += int(r.hung)
         v["tracebacks"] += int(r.traceback)
         v["exit_codes"][str(r.exit_code)] += 1
-        v["lines"][r.line] += 1
+        v["lines"][re.sub(r"\bpid \d+", "pid N", r.line)] += 1
         v["kill_phase"][r.kill_phase or "missed"] += 1
         v["modes"][r.mode] += 1
         v["snapshot"][r.snapshot] += 1
