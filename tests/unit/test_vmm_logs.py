@@ -142,6 +142,15 @@ def test_guest_causes(tail: str, expected: str) -> None:
     assert explain("qemu", 0, [""], text) == expected
 
 
+def test_init_debug_lines_are_not_its_failure() -> None:
+    text = (
+        "fcvm-init: [0.52] modules loaded\n"
+        "fcvm-init: fcvm.break=1: initrd shell; exit it to continue\n"
+        "fcvm-init: warning: could not load fuse\n" + console("normal.log")
+    )
+    assert guest_cause(text) == ""
+
+
 def test_agent_error_line_when_nothing_else() -> None:
     text = console("normal.log") + "fcvm-agent [9.0] ERROR container: podman exited 125\n"
     assert explain("qemu", None, [""], text) == "the guest agent said: container: podman exited 125"

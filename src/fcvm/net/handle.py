@@ -5,7 +5,7 @@ layout picks addresses; published ports are checked here), then builds the layou
 (rootless.py, default; bridged.py, root only) in the VM's namespace (netns.py). The
 handle's record, kept in the lease as it grows, is what teardown_from_record undoes
 from any process, also after kill -9 of fcvm; the next setup_network reaps leases
-whose owner died.
+whose owner died. While the VM runs, NetHandle.check() watches the helpers (watch.py).
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ class NetHandle:
 
     def check(self) -> str | None:
         """Called every ~50 ms while the VM runs: None while the network works (a dead
-        helper is reaped and replaced meanwhile, see watch.py), else one line saying
-        what died (the VM is then stopped with it). Never blocks for long."""
+        helper is reaped meanwhile, slirp4netns restarted: watch.py), else one line
+        saying what died (the VM is then stopped with it). Never waits for anything."""
         if self._torn:
             return None
         if self._watch is None:

@@ -120,7 +120,8 @@ _BENIGN = re.compile(
 )
 _AGENT = re.compile(r"^fcvm-agent \[[^\]]*\] (?P<level>[A-Z]+) (?P<msg>.*)$")
 _AGENT_WRAPPER = re.compile(r"^fcvm-agent: (?P<what>cannot start|crashed): (?P<msg>.*)$")
-_INIT_FATAL = re.compile(r"^fcvm-init: (?!warning:)(?P<msg>.*)$")
+# the initrd's fatal line (not its warnings, fcvm.debug=1 timings or fcvm.break=1 note)
+_INIT_FATAL = re.compile(r"^fcvm-init: (?!warning:|\[|fcvm\.break)(?P<msg>.*)$")
 _PANIC = re.compile(r"Kernel panic - not syncing: (?P<reason>.*?)\s*$")
 _KILL_INIT = re.compile(r"^Attempted to kill init! exitcode=0x(?P<status>[0-9a-fA-F]+)")
 _PID1_COMM = re.compile(r"^CPU: \d+ PID: 1 Comm: (?P<comm>\S+)")
@@ -164,8 +165,8 @@ def _raw_lines(text: str) -> list[str]:
 def _exception(lines: list[str]) -> str:
     """The exception of the last Python traceback in lines ("" if none): the first
     unindented line after its frames, e.g. `RuntimeError: boom`."""
-    start = max((i for i, x in enumerate(lines) if x.startswith("Traceback (most recent")),
-                default=-1)  # fmt: skip
+    tracebacks = [i for i, x in enumerate(lines) if x.startswith("Traceback (most recent")]
+    start = tracebacks[-1] if tracebacks else -1
     if start < 0:
         return ""
     for line in lines[start + 1 :]:
@@ -207,8 +208,8 @@ def _panic(raw: list[str]) -> str:
         status = int(kill_init["status"], 16)
         comm = next((c["comm"] for x in lines[at + 1 : at + 4] if (c := _PID1_COMM.match(x))), "")
         agent_seen = any(x.startswith("fcvm-agent") for x in lines[:at])
-        who = "the guest agent (PID 1)" if comm == "fcvm-agent" or (
-            not comm and agent_seen) else "the guest's init (PID 1)"  # fmt: skip
+        is_agent = comm == "fcvm-agent" or (not comm and agent_seen)
+        who = "the guest agent (PID 1)" if is_agent else "the guest's init (PID 1)"
         sig = status & 0x7F
         how = f"died of {_signame(sig)}" if sig else f"exited with {(status >> 8) & 0xFF}"
         exc = _exception(raw[:at])
