@@ -8,9 +8,10 @@
     net.teardown()                    # or teardown_from_record(net.record()) elsewhere
 
 handle.py is the common part (setup_network, NetHandle, teardown_from_record),
-rootless.py and bridged.py the two layouts, netns.py the VM's namespace and its
-holder, alloc.py the leases, iptables.py bridged NAT, publish.py --publish, proc.py
-host helpers. DESIGN.md ("Networking") has the reasons.
+rootless.py and bridged.py the two layouts, netns.py the VM's namespace, its holder
+and fcvm's fds on it, watch.py the running VM's helpers (NetHandle.check()),
+alloc.py the leases, iptables.py bridged NAT, publish.py --publish, proc.py host
+helpers. DESIGN.md ("Networking") has the reasons.
 """
 
 from __future__ import annotations

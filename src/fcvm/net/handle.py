@@ -5,12 +5,11 @@ layout picks addresses; published ports are checked here), then builds the layou
 (rootless.py, default; bridged.py, root only) in the VM's namespace (netns.py). The
 handle's record, kept in the lease as it grows, is what teardown_from_record undoes
 from any process, also after kill -9 of fcvm; the next setup_network reaps leases
-whose owner died.
+whose owner died. While the VM runs, NetHandle.check() watches the helpers (watch.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from fcvm import log, paths
 from fcvm.errors import FcvmError
 from fcvm.net import bridged, iptables, rootless
 from fcvm.net.alloc import Leases, Record, port_conflict
-from fcvm.net.netns import MTU, TAP
+from fcvm.net.netns import MTU, TAP, NsFds
 from fcvm.net.proc import (
     alive,
     end_child,
@@ -37,6 +36,7 @@ from fcvm.net.proc import (
     try_run,
 )
 from fcvm.net.publish import PortForward
+from fcvm.net.watch import Helper, Watch
 
 if TYPE_CHECKING:
     from fcvm.state import VmRecord
@@ -94,8 +94,11 @@ class NetHandle:
     prefix_len6: int = 0
     gateway6: str = ""
     _rec: Record = field(default_factory=dict, repr=False)
-    _children: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
-    _keep_fds: list[int] = field(default_factory=list, repr=False)
+    # the helper processes by record key ("holder", "slirp"), each with our end of the
+    # pipe whose EOF ends it; fcvm's fds on the VM's namespaces (netns.NsFds)
+    _helpers: dict[str, Helper] = field(default_factory=dict, repr=False)
+    _ns: NsFds | None = field(default=None, repr=False)
+    _watch: Watch | None = field(default=None, repr=False)
     _torn: bool = field(default=False, repr=False)
 
     def guest_params(self) -> dict[str, str]:
@@ -137,23 +140,34 @@ class NetHandle:
         with Leases(Path(str(self._rec["net_dir"]))) as leases:
             leases.put(self.vm_id, self._rec)
 
+    def add_helper(self, key: str, proc: subprocess.Popen[bytes], keep_fd: int) -> None:
+        """A helper process the network depends on (ended at teardown, watched by check())."""
+        self._helpers[key] = Helper(key, proc, keep_fd)
+
     def check(self) -> str | None:
-        """Called every ~50 ms while the VM runs: None while the network works, else
-        one line saying what died (the VM is then stopped with it)."""
-        return None
+        """Called every ~50 ms while the VM runs: None while the network works (a dead
+        helper is reaped meanwhile, slirp4netns restarted: watch.py), else one line
+        saying what died (the VM is then stopped with it). Never waits for anything."""
+        if self._torn:
+            return None
+        if self._watch is None:
+            self._watch = Watch(self)
+        return self._watch.check()
 
     def teardown(self) -> None:
         """Idempotent, never raises: helpers, links, iptables rules, lease, sockets."""
         if self._torn:
             return
         self._torn = True
-        for fd in self._keep_fds:  # EOF on these ends the holder and slirp4netns
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._keep_fds.clear()
-        for child in self._children:
-            end_child(child)
-        self._children.clear()
+        if self._watch is not None:
+            self._watch.close()
+        for helper in self._helpers.values():  # EOF on these ends the holder and slirp4netns
+            helper.close_fd()
+        for helper in self._helpers.values():
+            end_child(helper.proc)
+        self._helpers.clear()
+        if self._ns is not None:
+            self._ns.close()
         teardown_from_record(self._rec)
 
 
@@ -195,17 +209,51 @@ def _undo_locked(rec: Record, leases: Leases) -> None:
 
 
 def reap_record(vm: VmRecord) -> None:
-    """state.reap_stale()'s reaper for a VM whose owner died: undo its network."""
-    if vm.network:
-        teardown_from_record(vm.network)
+    """state.reap_stale()'s reaper for a VM whose owner died: undo its network.
+
+    The VM's record gets its network's copy only once setup_network has returned; an
+    owner killed during the setup leaves just the lease (same id), undone from there."""
+    rec = vm.network or _dead_lease(vm.vm_id)
+    if rec:
+        teardown_from_record(rec)
+
+
+def _dead_lease(vm_id: str) -> Record | None:
+    with Leases(paths.net_dir()) as leases:
+        rec = leases.leases.get(vm_id)
+    if rec is None:
+        return None
+    owner = rec.get("owner") or [0, None]
+    return None if alive(owner[0], owner[1]) else rec
+
+
+def _latest(record: Record) -> Record | None:
+    """The VM's lease, if it is this record's (same owner): newer than a copy of the
+    record kept elsewhere (the VM's state record) once a helper has been replaced."""
+    vm_id = record.get("vm_id")
+    if not vm_id:
+        return None
+    with Leases(Path(str(record.get("net_dir") or paths.net_dir()))) as leases:
+        cur = leases.leases.get(str(vm_id))
+    if cur is None or cur.get("owner") != record.get("owner") or cur == record:
+        return None
+    return cur
 
 
 def teardown_from_record(record: dict[str, Any]) -> None:
     """Undo a VM's network from its record (also after kill -9 of fcvm). Never raises."""
     try:
-        _undo_unlocked(record)
+        latest = _latest(record)
     except Exception as e:
-        _log_ignore("processes/links", e)
+        latest = None
+        _log_ignore("reading the lease", e)
+    for rec in (record, latest):
+        if rec is None:
+            continue
+        try:
+            _undo_unlocked(rec)
+        except Exception as e:
+            _log_ignore("processes/links", e)
     try:
         with Leases(Path(str(record.get("net_dir") or paths.net_dir()))) as leases:
             _undo_locked(record, leases)

@@ -19,6 +19,7 @@ import select
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,79 +105,76 @@ def _api_socket_path(workdir: Path, vm_id: str) -> Path:
     return Path(tempfile.gettempdir()) / f"fcvm-slirp-{vm_id[:20]}-{os.getpid()}.sock"
 
 
-def setup(h: NetHandle, workdir: Path, *, userns: bool) -> None:
-    """Namespaces, br0, slirp4netns on slirp0 and its port forwards to the guest."""
-    rec = h._rec
-    holder = netns.start_holder(h, userns)
-    netns.ns_batch(
-        h.netns_exec, netns.bridge_lines("slirp0", True), "cannot set up the VM namespace"
-    )
+@dataclass
+class SlirpStart:
+    """A slirp4netns just launched: it writes "1" to ready_fd once serving; it exits at
+    EOF of exit_fd (ours, kept while the VM runs)."""
 
-    ipv6 = _host_has_ipv6()
-    api = _api_socket_path(workdir, h.vm_id)
-    api.unlink(missing_ok=True)
-    rec["api_socket"] = str(api)
+    proc: subprocess.Popen[bytes]
+    ready_fd: int
+    exit_fd: int
+
+
+def launch_slirp(h: NetHandle) -> SlirpStart:
+    """Start slirp4netns on the VM namespace's slirp0 (does not wait for it).
+
+    slirp0 is a persistent TAP made in the namespace (netns.bridge_lines) and bridged
+    to br0, so a slirp4netns started again after one died attaches to the same device:
+    the namespace, br0 and the guest see nothing change. The namespaces are reached
+    through fcvm's own fds (h._ns), not through the holder, which may be gone too."""
+    rec, ns = h._rec, h._ns
+    assert ns is not None
+    api = Path(str(rec["api_socket"]))
+    api.unlink(missing_ok=True)  # a dead slirp4netns leaves its socket file behind
+    # run slirp4netns as root of the VM's user namespace (still in the host's network
+    # namespace) so its sandbox may make a mount namespace
+    prefix = [*ns.enter_user(), need_tool("slirp4netns", "rootless networking")]
+    opts = [f"--api-socket={api}", f"--mtu={MTU}", f"--cidr={SLIRP_CIDR}",
+            "--enable-sandbox", "--enable-seccomp", "--netns-type=path"]  # fmt: skip
+    if ns.user >= 0:
+        opts.append(f"--userns-path={ns.user_path}")
+    if rec.get("ipv6"):
+        opts.append("--enable-ipv6")
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
-    h._keep_fds.append(exit_w)
-    cmd: list[str] = []
-    if userns:
-        # run slirp4netns as root of the VM's user namespace (still in the host's
-        # network namespace) so its sandbox may make a mount namespace
-        cmd += [h.netns_exec[0], f"--target={holder.pid}", "--user", "--preserve-credentials", "--"]
-    cmd += [
-        need_tool("slirp4netns", "rootless networking"),
-        f"--ready-fd={ready_w}",
-        f"--exit-fd={exit_r}",
-        f"--api-socket={api}",
-        f"--mtu={MTU}",
-        f"--cidr={SLIRP_CIDR}",
-        "--enable-sandbox",
-        "--enable-seccomp",
-        "--netns-type=path",
-    ]
-    if userns:
-        cmd.append(f"--userns-path=/proc/{holder.pid}/ns/user")
-    if ipv6:
-        cmd.append("--enable-ipv6")
-    cmd += [f"/proc/{holder.pid}/ns/net", "slirp0"]
-    logf = workdir / "slirp4netns.log"
+    cmd = [*prefix, f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", *opts, ns.net_path, "slirp0"]
     try:
-        with open(logf, "ab") as out:
+        with open(str(rec["slirp_log"]), "ab") as out:
             slirp = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                pass_fds=(ready_w, exit_r),
+                pass_fds=(ready_w, exit_r, *ns.fds),
                 start_new_session=True,
             )
+    except BaseException:
+        os.close(ready_r)
+        os.close(exit_w)
+        raise
     finally:
         os.close(ready_w)
         os.close(exit_r)
-    h._children.append(slirp)
-    rec["slirp"] = [slirp.pid, start_time(slirp.pid)]
+    return SlirpStart(slirp, ready_r, exit_w)
+
+
+def slirp_log_tail(rec: Record) -> str:
+    """slirp4netns' last words (its log), for error messages."""
     try:
-        ready, _, _ = select.select([ready_r], [], [], 10)
-        ok = bool(ready) and os.read(ready_r, 1) == b"1"
-    finally:
-        os.close(ready_r)
-    if not ok:
-        tail = ""
-        try:
-            lines = [x for x in logf.read_text(errors="replace").splitlines() if x.strip()]
-            tail = lines[-1] if lines else ""
-        except OSError:
-            pass
-        raise FcvmError(f"slirp4netns did not start: {tail or 'no reply'}")
-    h.dns = [SLIRP_DNS]
-    if ipv6:
-        h.guest_ip6, h.prefix_len6, h.gateway6 = SLIRP_GUEST6, 64, SLIRP_GW6
-        h.dns.append(SLIRP_DNS6)
+        text = Path(str(rec["slirp_log"])).read_text(errors="replace")
+    except (OSError, KeyError):
+        return ""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def add_forwards(h: NetHandle) -> None:
+    """Publish h's ports through slirp4netns' API (at setup, and again after a restart)."""
+    api = str(h._rec["api_socket"])
     for f in h.forwards:
         try:
             reply = _slirp_api(
-                str(api),
+                api,
                 {
                     "execute": "add_hostfwd",
                     "arguments": {
@@ -194,3 +192,31 @@ def setup(h: NetHandle, workdir: Path, *, userns: bool) -> None:
             err = reply.get("error", {})
             desc = err.get("desc") if isinstance(err, dict) else err
             raise FcvmError(f"cannot publish {f.spec()}: {desc or 'refused by slirp4netns'}")
+
+
+def setup(h: NetHandle, workdir: Path, *, userns: bool) -> None:
+    """Namespaces, br0, slirp4netns on slirp0 and its port forwards to the guest."""
+    rec = h._rec
+    netns.start_holder(h, userns)
+    netns.ns_batch(
+        h.netns_exec, netns.bridge_lines("slirp0", True), "cannot set up the VM namespace"
+    )
+    ipv6 = _host_has_ipv6()
+    rec["ipv6"] = ipv6
+    rec["api_socket"] = str(_api_socket_path(workdir, h.vm_id))
+    rec["slirp_log"] = str(workdir / "slirp4netns.log")
+    start = launch_slirp(h)
+    h.add_helper("slirp", start.proc, start.exit_fd)
+    rec["slirp"] = [start.proc.pid, start_time(start.proc.pid)]
+    try:
+        ready, _, _ = select.select([start.ready_fd], [], [], 10)
+        ok = bool(ready) and os.read(start.ready_fd, 1) == b"1"
+    finally:
+        os.close(start.ready_fd)
+    if not ok:
+        raise FcvmError(f"slirp4netns did not start: {slirp_log_tail(rec) or 'no reply'}")
+    h.dns = [SLIRP_DNS]
+    if ipv6:
+        h.guest_ip6, h.prefix_len6, h.gateway6 = SLIRP_GUEST6, 64, SLIRP_GW6
+        h.dns.append(SLIRP_DNS6)
+    add_forwards(h)
