@@ -115,6 +115,12 @@ async def start_relay(
     vm_session = vm if callable(vm) else (lambda: vm)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_client(reader, writer, vm_session, on_request)
+        try:
+            await _serve_client(reader, writer, vm_session, on_request)
+        except asyncio.CancelledError:
+            # The loop is ending (the VM stopped with a client attached). Python 3.11's
+            # start_server calls task.exception() on a cancelled handler task and prints
+            # the CancelledError's traceback; a handler that returns is quiet.
+            writer.close()
 
     return await asyncio.start_unix_server(handle, path=str(path))

@@ -38,6 +38,7 @@ import base64
 import contextlib
 import enum
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -168,11 +169,13 @@ class Machine:
         records.create(self.record)
         undo.callback(_quietly, "remove the record", records.remove, self.vm_id)
         if spec.network is not None:
+            # The reaper first: an owner killed during the setup leaves a lease (same id)
+            # that the reaper finds by the VM's id (net.reap_record).
+            records.add_reaper(self.record, parts.network_reaper())
             net = parts.setup_network(self.vm_id, spec.network, list(spec.publish), self.workdir)
             self.net = net
             undo.callback(_quietly, "tear down the network", net.teardown)
             records.update(self.record, network=net.record())
-            records.add_reaper(self.record, parts.network_reaper())
             self.timings.mark("network-ready")
         await asyncio.to_thread(self._make_disks)
         vmm = parts.make_vmm(spec.backend, self.vmm_config())
@@ -220,6 +223,10 @@ class Machine:
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:
+            # Killed from outside (kill, the OOM killer): not the snapshot's fault, so no
+            # cold boot and the cache entry stays. (A SIGSEGV/SIGABRT may be a bad one.)
+            if vmm.poll() in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP):
+                raise
             line = exc.line() if isinstance(exc, GuestError | StateError) else str(exc)
             raise RestoreFailed(f"cannot restore snapshot {source.name}: {line}") from exc
 
@@ -334,6 +341,9 @@ class Machine:
             dead = self.net.check()
             if dead:
                 return GuestError(f"the VM lost its network: {dead}")
+            net = self.net.record()
+            if net != self.record.network:  # a helper was replaced: name the new one
+                self.update_record(network=net)
         server = self.restore_source.page_server if self.restore_source else None
         # A page server stopped properly first fills every VM in and removes its record;
         # killed, its record stays (stale) and the VM's missing pages can never come.
