@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from fcvm.agent import identity, procs, system
@@ -137,15 +139,19 @@ async def _open_transport(params: dict[str, str]) -> tuple[asyncio.StreamReader,
     return await transport.open_virtio_serial(params.get("serial", "fcvm.0"), timeout=86400.0)
 
 
-def _identity(hello: dict[str, Any], net_params: dict[str, str], container: Container
-              ) -> dict[str, Any] | None:  # fmt: skip
+def _identity(hello: dict[str, Any], net_params: dict[str, str], container: Container,
+              read_at: float) -> dict[str, Any] | None:  # fmt: skip
     """A host that restored this guest sends its new identity in its HELLO: applied
-    before anything else of the session is handled, the outcome in our HELLO."""
+    before anything else of the session is handled, the outcome in our HELLO (with the
+    milliseconds since the HELLO was read, when it was read by the session it replaced)."""
     wanted = hello.get("identity")
     if not isinstance(wanted, dict):
         return None
     try:
-        return {"identity": identity.apply(wanted, net_params, container)}
+        done = identity.apply(wanted, net_params, container)
+        if read_at:
+            done["since_hello_ms"] = round((time.monotonic() - read_at) * 1000, 1)
+        return {"identity": done}
     except Exception as exc:  # the host treats this as a failed restore
         log.exception("identity failed")
         return {"identity": {"error": str(exc) or type(exc).__name__}}
@@ -156,12 +162,14 @@ async def serve(params: dict[str, str], net_params: dict[str, str]) -> None:
     container = Container(reaper, params.get("transport", "serial"))
     stream = None
     hello = None
+    hello_at = 0.0
     while True:
         if stream is None:
             stream = await _open_transport(params)
         session = Session(
             *stream, role="agent", peer_hello=hello,
-            on_hello=lambda h: _identity(h, net_params, container),
+            on_hello=functools.partial(_identity, net_params=net_params, container=container,
+                                       read_at=hello_at),
         )  # fmt: skip
         try:
             await session.start()
@@ -172,7 +180,7 @@ async def serve(params: dict[str, str], net_params: dict[str, str]) -> None:
             continue
         log.debug("session %s established", session.session_id)
         await Agent(session, reaper, container, net_params).serve()
-        hello = session.takeover_hello
+        hello, hello_at = session.takeover_hello, session.takeover_at
         if hello is not None:
             log.debug("session %s replaced by a new host", session.session_id)
             continue

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -107,6 +108,7 @@ class Session:
         # Set when a new host's HELLO ended this (quiesced) session: start the next
         # Session on the same transport with it.
         self.takeover_hello: dict[str, Any] | None = None
+        self.takeover_at = 0.0  # time.monotonic() when it was read
         self._held: list[bytes] | None = None  # frames kept back while quiesced
         self.ended_quiesced = False
         self._closed = False
@@ -344,6 +346,7 @@ class Session:
                     # A new host on the transport of this quiesced session: the VM was
                     # restored from a snapshot. Hand the transport and its HELLO over.
                     self.takeover_hello = decode_json(frame.payload, "bad HELLO")
+                    self.takeover_at = time.monotonic()
                     # (debug: on a restore's path, and a console line is slow in a guest)
                     self._end("replaced by a new host session", level=logging.DEBUG,
                               keep_transport=True)  # fmt: skip
