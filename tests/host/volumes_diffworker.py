@@ -1,8 +1,21 @@
-"""Runs operation sequences for the differential test, in its own process (so it can
-run as an unprivileged uid): reads one JSON line {"ops": [...], "roots": [...]} at a
-time, runs the ops in each root in turn, prints one JSON line with a result list per
-root. Each result is ["ok", value] or ["err", errno name]. Only the stdlib, imported
-before privileges are dropped. `tree()` is imported by the test itself."""
+"""Runs operation sequences for the differential tests, in its own process (so it can
+run as an unprivileged uid): reads one JSON request per line, prints one JSON reply
+per line:
+
+    {"ops": [...], "roots": [...]}  runs the ops in each root in turn: a result list
+                                    per root, each result ["ok", value] or
+                                    ["err", errno name]
+    {"prepare": [...]}              makes prepare()'s starting tree in each (as root)
+    {"tree": [...], "remove": B}    tree() of each root; then removes them if B
+
+    volumes_diffworker.py UID [--mntns PATH] [--tmpfs DIR]
+
+--mntns enters the mount namespace PATH names (a container's /proc/PID/ns/mnt, for a
+worker started in a guest with `python3 -c SOURCE`); --tmpfs then mounts a tmpfs
+(nodev,nosuid, like a map) on DIR unless one is there; both before privileges are
+dropped to UID (0: stay root). Only the stdlib, all imported before any of that (the
+root may change), and single-threaded (setns of a mount namespace requires it).
+`tree()` and `prepare()` are imported by the tests themselves too."""
 
 from __future__ import annotations
 
@@ -11,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import stat
 import struct
 import sys
@@ -18,6 +32,10 @@ from typing import Any
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV = 2, 4
+USER = 1000  # prepare()'s unprivileged owner
 
 
 def _c(ret: int) -> int:
@@ -144,9 +162,17 @@ class Runner:
         fd = self.fd(i)
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             # Known difference: FUSE directories use the kernel's generic llseek, which
-            # answers SEEK_DATA/SEEK_HOLE itself (tmpfs says EINVAL). See DESIGN-volumes.
+            # answers SEEK_DATA/SEEK_HOLE itself (tmpfs says EINVAL). See DESIGN.md (Volumes).
             return "directory"
-        return [os.lseek(fd, off, whence), os.fstat(fd).st_size]
+        # The offset found is compared, then the position is put back: under the
+        # writeback cache the guest kernel answers from its own view (data up to EOF,
+        # see DESIGN.md, Volumes), so later reads and writes would land elsewhere than on
+        # tmpfs for a reason already known.
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            return [os.lseek(fd, off, whence), os.fstat(fd).st_size]
+        finally:
+            os.lseek(fd, pos, os.SEEK_SET)
 
     def op_fsync(self, i: int) -> None:
         os.fsync(self.fd(i))
@@ -193,28 +219,80 @@ def tree(root: str) -> list[list[Any]]:
     return sorted(out)
 
 
+def prepare(d: str) -> None:
+    """The same starting tree on both sides: root-owned files and dirs, one owned by
+    the unprivileged user, a sticky world-writable directory, a read-only file. Modes
+    are explicit (the umask plays no part)."""
+    os.mkdir(d)
+    os.chmod(d, 0o777)
+    files = {"d/a": (b"inner", 0o644), "ro": (b"read only", 0o444), "a": (b"hello", 0o664)}
+    dirs = {"d": 0o755, "mine": 0o755, "sticky": 0o1777}
+    for name, mode in dirs.items():
+        os.mkdir(os.path.join(d, name))
+        os.chmod(os.path.join(d, name), mode)
+    for name, (data, mode) in files.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+        os.chmod(os.path.join(d, name), mode)
+    os.chown(os.path.join(d, "mine"), USER, USER)
+
+
+def enter_mount_namespace(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _c(libc.setns(fd, CLONE_NEWNS))
+    finally:
+        os.close(fd)
+    os.chdir("/")
+
+
+def mount_tmpfs(d: str) -> None:
+    os.makedirs(d, exist_ok=True)
+    if os.path.ismount(d):  # (/proc/self is not ours in another pid namespace's /proc)
+        return
+    _c(libc.mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=16g,mode=755"))
+
+
+def handle(req: dict[str, Any]) -> Any:
+    if "prepare" in req:
+        for root in req["prepare"]:
+            prepare(root)
+        return "ok"
+    if "tree" in req:
+        trees = [tree(root) for root in req["tree"]]
+        if req.get("remove"):
+            for root in req["tree"]:
+                shutil.rmtree(root)
+        return trees
+    out = []
+    for root in req["roots"]:
+        r = Runner(root)
+        results: list[Any] = []
+        for op in req["ops"]:
+            try:
+                results.append(["ok", r.run(op)])
+            except OSError as e:
+                results.append(["err", errno.errorcode.get(e.errno or 0, str(e.errno))])
+            except Exception as e:  # an argument Python itself refuses
+                results.append(["exc", type(e).__name__])
+        r.finish()
+        out.append(results)
+    return out
+
+
 def main() -> None:
     uid = int(sys.argv[1])
+    opts = dict(zip(sys.argv[2::2], sys.argv[3::2], strict=True))
+    if "--mntns" in opts:
+        enter_mount_namespace(opts["--mntns"])
+    if "--tmpfs" in opts:
+        mount_tmpfs(opts["--tmpfs"])
     if uid:
         os.setgroups([uid])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     for line in sys.stdin:
-        req = json.loads(line)
-        out = []
-        for root in req["roots"]:
-            r = Runner(root)
-            results: list[Any] = []
-            for op in req["ops"]:
-                try:
-                    results.append(["ok", r.run(op)])
-                except OSError as e:
-                    results.append(["err", errno.errorcode.get(e.errno or 0, str(e.errno))])
-                except Exception as e:  # an argument Python itself refuses
-                    results.append(["exc", type(e).__name__])
-            r.finish()
-            out.append(results)
-        print(json.dumps(out), flush=True)
+        print(json.dumps(handle(json.loads(line))), flush=True)
 
 
 if __name__ == "__main__":

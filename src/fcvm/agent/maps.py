@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import subprocess
+import threading
 import time
 from typing import IO
 
@@ -93,7 +94,11 @@ class Maps:
             raise ProcError(f"--map {m.guest}: {why[-1] if why else 'the relay failed'}", 125)
         proc.stdout.close()
         self._relays[m.channel] = (m, done)
-        loop.run_in_executor(None, _log_lines, proc.stderr, m.guest)
+        # A thread of its own for as long as the relay lives: in the loop's default
+        # executor (5 threads on one vCPU) the relays' readers would starve every
+        # later run_in_executor, the next map's _open_stream included.
+        threading.Thread(target=_log_lines, args=(proc.stderr, m.guest),
+                         name=f"map-{m.channel}-log", daemon=True).start()  # fmt: skip
         log.info("map %d mounted at %s%s", m.channel, m.guest, " (ro)" if m.read_only else "")
 
     def _open_stream(self, channel: int, deadline: float) -> int:

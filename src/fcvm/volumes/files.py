@@ -70,8 +70,21 @@ class FileOps(OpsBase):
             fail(errno.EMFILE)
         handle = self._new_handle(node, self._reopen(node, hflags), writable)
         if hflags & os.O_TRUNC:
-            self.changed_by_us(node, os.fstat(handle.fd))
+            self._truncated(h, node, handle.fd)
         return p.OPEN_OUT.pack(handle.fh, 0, 0)
+
+    def _truncated(self, h: Header, node: Node, fd: int) -> None:
+        """An open truncated the file on the host. Under ATOMIC_O_TRUNC the guest kernel
+        leaves to us what it would do for a truncating open by a caller without
+        CAP_FSETID (taken as: not root): clear set-user-ID, and set-group-ID on a
+        group-executable file, as a local filesystem does."""
+        st = os.fstat(fd)
+        mode = st.st_mode & 0o7777
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if h.uid != 0 and mode & kill:
+            os.fchmod(fd, mode & ~kill)
+            st = os.fstat(fd)
+        self.changed_by_us(node, st)
 
     def op_create(self, h: Header, body: Body) -> Reply:
         parent = self.dir_node(h.nodeid)
@@ -83,8 +96,13 @@ class FileOps(OpsBase):
         hflags, writable = self._host_flags(flags)
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             fail(errno.EINVAL)
+        cflags = hflags
+        if self.writeback and hflags & os.O_ACCMODE == os.O_WRONLY:
+            # As in _reopen: the guest's page cache reads pages through this handle to
+            # fill partial writes (a new file is ours to open for reading too).
+            cflags = (hflags & ~os.O_ACCMODE) | os.O_RDWR
         try:
-            fd = open_beneath(parent.fd, name, hflags | os.O_CREAT | os.O_EXCL, 0)
+            fd = open_beneath(parent.fd, name, cflags | os.O_CREAT | os.O_EXCL, 0)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
@@ -92,6 +110,9 @@ class FileOps(OpsBase):
             node, st = self.lookup_child(parent, name)
             try:
                 handle = self._new_handle(node, self._reopen(node, hflags), writable)
+                if hflags & os.O_TRUNC:
+                    self._truncated(h, node, handle.fd)
+                    st = os.fstat(handle.fd)
             except BaseException:
                 self.nodes.forget(node.nodeid, 1)
                 raise
