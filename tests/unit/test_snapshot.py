@@ -4,12 +4,14 @@ No userfaultfd needed (tests/host/test_pageserver.py has the real thing)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
 import pytest
 
-from fcvm.snapshot import layout, uffd, workingset
+from fcvm import state
+from fcvm.snapshot import layout, serving, uffd, workingset
 from fcvm.snapshot.handshake import HandshakeError, Region, parse_regions, remap
 from tests.conftest import fcvm
 
@@ -194,3 +196,45 @@ def test_cli_ls(tmp_path: Path) -> None:
         ("s1", 8192, None)
     ]
     assert "s1" in fcvm("snapshot", "ls", env=env, check=True).stdout
+
+
+def _serve_record(sock: Path) -> state.VmRecord:
+    """A page server's record as serve_snapshot makes it (owned by this process)."""
+    rec = state.create(state.VmRecord(vm_id=state.new_vm_id(), name="serve-s1", kind="serve",
+                                      extra={"snapshot": "s1", "socket": str(sock)}))  # fmt: skip
+    state.add_reaper(rec, serving.reap_server_socket)
+    return rec
+
+
+def _killed(rec: state.VmRecord) -> None:
+    """rec's owner is now a process that no longer exists (a server killed -9)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    rec.pid = pid
+    state.write_record(rec)
+
+
+def test_reaping_a_killed_server_spares_the_socket_of_the_one_serving_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server killed -9 leaves its record and socket; a new server for the snapshot
+    replaces the socket at the same path before anything reaps the old record (`fcvm
+    snapshot serve` does not reap first; bench/faults.py saw a clone's reap unlink the
+    new server's socket). Reaping the old record must leave the new socket alone; once
+    the new server is gone too, its socket is removed."""
+    monkeypatch.setenv("FCVM_BASE_DIR", str(tmp_path))
+    sock = serving.socket_path("s1")
+    sock.parent.mkdir(parents=True)
+    old = _serve_record(sock)
+    sock.touch()  # (its socket, left by the kill)
+    _killed(old)
+    new = _serve_record(sock)  # the new server: its record, then its own socket there
+    sock.unlink()
+    sock.touch()
+    assert [r.vm_id for r in state.reap_stale()] == [old.vm_id]
+    assert sock.exists()  # still the new server's
+    _killed(new)
+    assert [r.vm_id for r in state.reap_stale()] == [new.vm_id]
+    assert not sock.exists()

@@ -31,11 +31,18 @@ def socket_path(name: str) -> Path:
 
 def reap_server_socket(record: VmRecord) -> None:
     """state.reap_stale()'s reaper for a page server: its socket lives under
-    serve_dir(), outside the VM directory."""
+    serve_dir(), outside the VM directory. The path is the snapshot's, not the
+    server's: once a new server for the snapshot has its record (made under the lock
+    reap_stale holds), the path is that server's (it replaces a stale socket itself)
+    and is left alone."""
     sock = record.extra.get("socket")
-    if isinstance(sock, str) and Path(sock).parent == paths.serve_dir():
-        with contextlib.suppress(OSError):
-            Path(sock).unlink()
+    if not isinstance(sock, str) or Path(sock).parent != paths.serve_dir():
+        return
+    for other in state.list_live():
+        if other.vm_id != record.vm_id and other.extra.get("socket") == sock:
+            return
+    with contextlib.suppress(OSError):
+        Path(sock).unlink()
 
 
 def serve_snapshot(
