@@ -21,18 +21,34 @@ shortest whole run of its kind so far) it kills, with SIGKILL:
                  is set up: fcvm holds and enters the namespaces by its own fds)
     container    the container's PID 1, from inside the guest: `fcvm exec --vm --
                  podman kill --signal KILL fcvm` or `pkill -KILL -x sleep`, alternately
-    pageserver   not on this backend: the QEMU backend cannot restore from a page server
-                 (only Firecracker's Uffd memory backend can), so no VM is ever attached
-                 to one here; the output says so and no run picks it
+    pageserver   `fcvm snapshot serve fault-snap`, the page server of a named snapshot
+                 the harness makes once at its start (`fcvm snapshot create` of a VM it
+                 runs for that, then stops; removed at the end with `fcvm snapshots
+                 rm`). Its run starts the server and, once it is serving (or dead), two
+                 clones with `fcvm snapshot run --pid SERVER`: `--exec 'sleep SLEEP'`
+                 (fault-I) and one attached to the snapshot's container (fault-I-a, a
+                 shell loop that exits 0 on the SIGINT the harness sends SLEEP s after
+                 it became healthy), in the run's network mode with a published port.
+                 The kill lands from the server's spawn through the clones' life. On
+                 QEMU the clones map the memory file privately and never depend on the
+                 server: each must exit 0, or - only if the kill came before its record
+                 existed - 125 with "no page server with pid" (it looked the server up
+                 after its death). Anything else counts as an unexpected clone exit,
+                 and so does the server's socket missing while it lives (nothing but
+                 the server may remove it). A run's exit code and line are the exec
+                 clone's; both clones' and the server's are listed under "pageserver".
+                 (On Firecracker a clone would fault its memory from the server and stop
+                 with one line when it dies; this backend cannot show that.)
 
 A victim that does not exist yet at that moment (no VMM before the network is up, no
 container before the guest answers) is killed as soon as it does; "missed" counts the
 runs that ended first. After the runs, one `fcvm gc`, then, per victim (each leftover
-is attributed to the run it belongs to, or during which it first appeared):
+is attributed to the run it belongs to, or after which it appeared - again, if it had
+gone in between):
 
     processes     qemu, slirp4netns, namespace holders (any process in a VM's network
-                  namespace), fcvm processes of this base directory
-    records       VM records (vms/<id>/vm.json)
+                  namespace), fcvm processes of this base directory (page servers too)
+    records       VM records (vms/<id>/vm.json), the page server's `serve-NAME` too
     leases        network leases
     netns         network namespaces of the runs' VMs still alive (or named)
     links         the runs' host links (bridged veths), new tap*/veth*/fcvm* links
@@ -40,12 +56,22 @@ is attributed to the run it belongs to, or during which it first appeared):
     mounts        mounts under the base directory, or new since the start
     loop_devices  loop devices backed by files under the base directory, or new
     files         files under the base directory beyond the persistent caches (image
-                  exports and stores, complete snapshot cache entries, lock files)
+                  exports and stores, complete snapshot cache entries, lock files):
+                  the page server's socket (serve/NAME.sock) and a working set's temp
+                  files among them; the named snapshot's files are kept only until
+                  `fcvm snapshots rm` (anything left of it then counts)
+
+Links, rules and loop devices of VMs of other base directories running beside the
+harness (a test suite: learned from their VMMs' command lines and fcvm processes'
+FCVM_BASE_DIR) are not counted: "others_not_counted" lists them.
 
 Also per victim: exit codes of fcvm, the distinct last lines fcvm printed ("fcvm: ..."),
 how many stderr outputs held a Python traceback, runs that hung (killed after 120 s),
-and where in the VM's life the kill landed. Needs root (bridged mode, iptables).
-Exit status 1 if anything was left behind or a run hung.
+and where in the VM's life the kill landed (for the page server: serve-starting,
+serving, or clone-PHASE of the exec clone). The VM that made the named snapshot is
+counted the same way (under "template"). Needs root (bridged mode, iptables).
+Exit status 1 if anything was left behind, a run hung, a clone of a killed page server
+ended otherwise than it must, or the named snapshot could not be made or removed.
 """
 
 from __future__ import annotations
@@ -71,11 +97,12 @@ REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 IMAGE = "localhost/fcvm-busybox"
 VICTIMS = ("fcvm", "vmm", "slirp4netns", "holder", "container", "pageserver")
-NO_PAGESERVER = (
-    "skipped: the QEMU backend cannot restore a VM from a page server (only "
-    "Firecracker's Uffd memory backend can, and Firecracker cannot run here), so no VM "
-    "is ever attached to one"
-)
+SNAP = "fault-snap"  # the named snapshot the page servers serve
+TEMPLATE = "fault-template"  # the VM it is made of
+# The template's container: a loop a SIGINT ends with 0 (an attached clone goes on
+# with it from where the snapshot left it, so the same SIGINT ends the clone with 0).
+TEMPLATE_CMD = 'trap "exit 0" INT TERM; while :; do sleep 0.2; done'
+NO_SERVER = "no page server with pid"
 RUN_TIMEOUT = 120.0
 LEFT_KINDS = (
     "processes",
@@ -90,10 +117,16 @@ LEFT_KINDS = (
 )
 # Files a base directory keeps on purpose (caches, locks); anything else is left behind.
 KEPT = re.compile(
-    r"^(kvm-probe\.json|vmm-versions\.json|config\.toml"
+    r"^(kvm-probe\.json|vmm-versions\.json|config\.toml|assets-checked"
     r"|images/[^/]+\.(oci\.tar|store\.ext4|store\.json)|images/\.[^/]+\.lock"
+    r"|images/host-refs\.json"
     r"|net/leases\.(json|lock)|vms/\.lock|snapshots/\.cache-[^/]+\.create"
     r"|snapshots/cache-[^/]+/(meta\.json|memory|vmstate|lock|last-used|workingset|disk-[^/]+))$"
+)
+# ... and the named snapshot's, while it exists (not after `fcvm snapshots rm`)
+KEPT_NAMED = re.compile(
+    rf"^snapshots/{re.escape(SNAP)}/(meta\.json|memory|vmstate|lock|last-used|workingset"
+    r"|disk-[^/]+)$"
 )
 
 
@@ -217,11 +250,28 @@ class Seen:
 
 
 @dataclass
+class Clone:
+    """One `fcvm snapshot run --pid` of a page-server run."""
+
+    name: str
+    how: str  # exec | attached
+    seen: Seen = field(default_factory=Seen)
+    fcvm_pid: list[int] = field(default_factory=list)
+    spawned: float = 0.0
+    healthy_at: float | None = None
+    interrupted: bool = False  # (attached: the SIGINT that ends it sent)
+    before_kill: bool = False  # its record existed when the server was killed
+    exit_code: int | None = None
+    line: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
 class Run:
     index: int
     mode: str
     victim: str
-    snapshot: str  # off | restore | write
+    snapshot: str  # off | restore | write; named (the page server's clones)
     delay: float
     seen: Seen = field(default_factory=Seen)
     killed_at: float | None = None
@@ -233,6 +283,18 @@ class Run:
     hung: bool = False
     seconds: float = 0.0
     fcvm_pid: list[int] = field(default_factory=list)
+    # a page-server run: the server ([pid, start], its record's id) and its clones
+    server: list[int] = field(default_factory=list)
+    server_vm_id: str = ""
+    server_code: int | None = None
+    clones: list[Clone] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # clone exits that must not be
+
+    def vms(self) -> list[tuple[list[int], Seen]]:
+        """(fcvm [pid, start], what was seen of its VM) of each VM of the run."""
+        if self.clones:
+            return [(c.fcvm_pid, c.seen) for c in self.clones]
+        return [(self.fcvm_pid, self.seen)]
 
 
 def kill9(pid_start: list[int]) -> bool:
@@ -316,21 +378,200 @@ def one_run(run: Run, base: Path, env: dict[str, str], sleep_s: float, logs: Pat
         time.sleep(0.02)
     run.seconds = round(time.monotonic() - t0, 3)
     run.exit_code = proc.returncode
+    run.line, run.traceback = last_line(err_path)
+
+
+def last_line(err_path: Path) -> tuple[str, bool]:
+    """The last line fcvm printed (its own "fcvm: ..." first), and whether the output
+    held a Python traceback."""
     text = err_path.read_text(errors="replace")
-    run.traceback = "Traceback (most recent call last)" in text
     lines = [x for x in text.splitlines() if x.strip()]
     ours = [x for x in lines if x.startswith("fcvm")]
-    run.line = (ours or lines or ["(no output)"])[-1][:300]
+    return (ours or lines or ["(no output)"])[-1][:300], "Traceback (most recent call" in text
+
+
+def spawn(
+    args: list[str], env: dict[str, str], err_path: Path, **kw: Any
+) -> subprocess.Popen[bytes]:
+    with open(err_path, "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "fcvm", *args], stderr=err, env=env, **kw)
+
+
+def pid_start(pid: int) -> list[int]:
+    st = start_time(pid)
+    return [pid, st] if st is not None else []
+
+
+# -- the page server's run --------------------------------------------------------------
+
+
+def make_template(base: Path, env: dict[str, str], logs: Path) -> tuple[Run, dict[str, Any]]:
+    """Run a VM, `fcvm snapshot create` it as SNAP, stop it (SIGINT: its loop exits 0).
+    The VM is a Run of its own (index -1) so that what it leaves is counted."""
+    run = Run(-1, "rootless", "template", "off", 0.0)
+    info: dict[str, Any] = {"name": SNAP}
+    fcvm("snapshots", "rm", SNAP, env=env)  # (a --base-dir used before)
+    cold = {**env, "FCVM_NO_SNAPSHOT": "1"}  # (the image cache is the runs' to fill)
+    t0 = time.monotonic()
+    proc = spawn(["podman", "run", "--name", TEMPLATE, "--network", "rootless", IMAGE, "--",
+                  "sh", "-c", TEMPLATE_CMD], cold, logs / f"{TEMPLATE}.err",
+                 stdout=subprocess.DEVNULL)  # fmt: skip
+    run.fcvm_pid = pid_start(proc.pid)
+    try:
+        while proc.poll() is None and not (run.seen.status == "running" and run.seen.health):
+            run.seen.learn(base, TEMPLATE)
+            if time.monotonic() - t0 > RUN_TIMEOUT:
+                run.hung = True
+                break
+            time.sleep(0.05)
+        if proc.poll() is None and not run.hung:
+            info["boot_seconds"] = round(time.monotonic() - t0, 3)
+            made = fcvm("snapshot", "create", TEMPLATE, "--tag", SNAP, "--json", env=env,
+                        timeout=600)  # fmt: skip
+            info["create_exit_code"] = made.returncode
+            if made.returncode == 0:
+                info.update(json.loads(made.stdout))
+            else:
+                info["create_stderr"] = made.stderr.strip()[-300:]
+            proc.send_signal(signal.SIGINT)  # (to the container: its loop exits 0)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        run.hung = True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run.exit_code = proc.returncode
+    run.seconds = round(time.monotonic() - t0, 3)
+    run.line, run.traceback = last_line(logs / f"{TEMPLATE}.err")
+    info["ok"] = info.get("create_exit_code") == 0 and run.exit_code == 0 and not run.hung
+    return run, info
+
+
+def server_phase(run: Run, ready: bool) -> str:
+    if not ready:
+        return "serve-starting"
+    if not run.clones:
+        return "serving"
+    c = run.clones[0]
+    return "clone-exited" if c.exit_code is not None else f"clone-{c.seen.phase()}"
+
+
+def one_pageserver_run(
+    run: Run, base: Path, env: dict[str, str], sleep_s: float, logs: Path
+) -> None:
+    """`fcvm snapshot serve SNAP`, two clones of it by --pid once it serves (or is dead),
+    the server killed at run.delay; the clones must end as they would without it."""
+    name = f"fault-{run.index}"
+    t0 = time.monotonic()
+    server = spawn(["snapshot", "serve", SNAP, "--json"], env, logs / f"{name}.serve.err",
+                   stdout=subprocess.PIPE)  # fmt: skip
+    assert server.stdout is not None
+    out_fd = server.stdout.fileno()
+    os.set_blocking(out_fd, False)
+    run.server = pid_start(server.pid)
+    out = b""
+    ready = False
+    sock: Path | None = None  # the server's socket, once it serves
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        while True:
+            now = time.monotonic() - t0
+            if not ready:
+                with contextlib.suppress(BlockingIOError):
+                    out += os.read(out_fd, 4096)
+                if b"\n" in out:
+                    ready = True
+                    with contextlib.suppress(ValueError, KeyError):
+                        info = json.loads(out.splitlines()[0])
+                        run.server_vm_id, sock = str(info["vm_id"]), Path(info["socket"])
+            # (a live server's socket is there for its whole life: nothing else unlinks it)
+            if sock and run.killed_at is None and alive(run.server) and not sock.exists():
+                run.unexpected.append(f"the page server's socket {sock} vanished while it served")
+                sock = None
+            if not procs and (ready or server.poll() is not None):
+                # (a dead server's pid too: the clones must refuse it in one line)
+                for c_name, how, extra in (
+                    (name, "exec", ["--exec", f"sleep {sleep_s:g}"]),
+                    (f"{name}-a", "attached", []),
+                ):
+                    c = Clone(c_name, how, spawned=now)
+                    procs.append(spawn(
+                        ["snapshot", "run", "--pid", str(server.pid), "--name", c_name,
+                         "--network", run.mode, "-p", f"{free_port()}:80", *extra],
+                        env, logs / f"{c_name}.err", stdout=subprocess.DEVNULL,
+                    ))  # fmt: skip
+                    c.fcvm_pid = pid_start(procs[-1].pid)
+                    run.clones.append(c)
+            for c, proc in zip(run.clones, procs, strict=True):
+                if c.exit_code is not None:
+                    continue
+                c.seen.learn(base, c.name)
+                if (code := proc.poll()) is not None:
+                    c.exit_code, c.seconds = code, round(now - c.spawned, 3)
+                    continue
+                if c.healthy_at is None and c.seen.status == "running" and c.seen.health:
+                    c.healthy_at = now
+                if (c.how == "attached" and not c.interrupted and c.healthy_at is not None
+                        and now - c.healthy_at >= sleep_s):  # fmt: skip
+                    proc.send_signal(signal.SIGINT)  # (forwarded: the loop exits 0)
+                    c.interrupted = True
+            if run.killed_at is None and now >= run.delay and kill9(run.server):
+                run.killed_at, run.kill_phase = round(now, 3), server_phase(run, ready)
+                for c in run.clones:
+                    c.before_kill = bool(c.seen.vm_id)
+            if procs and all(c.exit_code is not None for c in run.clones):
+                break
+            if now > RUN_TIMEOUT:
+                run.hung = True
+                break
+            time.sleep(0.02)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if server.poll() is None:  # (the kill missed: stopped as a user would)
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                run.hung = True
+                server.kill()
+                server.wait()
+        server.stdout.close()
+    run.server_code = server.returncode
+    run.seconds = round(time.monotonic() - t0, 3)
+    for c, proc in zip(run.clones, procs, strict=True):
+        if c.exit_code is None:
+            c.exit_code = proc.returncode
+        c.line, tb = last_line(logs / f"{c.name}.err")
+        run.traceback |= tb
+        ok = c.exit_code == 0 or (
+            c.exit_code == 125
+            and NO_SERVER in c.line
+            and run.killed_at is not None
+            and not c.before_kill
+        )
+        if not ok:
+            run.unexpected.append(f"{c.how} clone {c.name}: exit {c.exit_code}: {c.line}")
+    run.traceback |= last_line(logs / f"{name}.serve.err")[1]
+    run.exit_code = run.clones[0].exit_code if run.clones else None
+    run.line = run.clones[0].line if run.clones else "(no clone)"
 
 
 # -- what is left -----------------------------------------------------------------------
 
 
-def files_left(base: Path) -> set[str]:
+def files_left(base: Path, named: bool = True) -> set[str]:
+    """Files under base that are not kept on purpose; named: the named snapshot's own
+    files are (it is not removed yet)."""
     out = set()
     for root, _dirs, files in os.walk(base):
         for f in files:
             rel = os.path.relpath(os.path.join(root, f), base)
+            if named and KEPT_NAMED.match(rel):
+                continue
             if KEPT.match(rel):
                 if rel.startswith("snapshots/cache-"):  # only a complete entry is kept
                     entry = base / rel.split("/")[0] / rel.split("/")[1]
@@ -388,34 +629,39 @@ def _run_leftovers(
     ps: dict[int, tuple[str, bytes, int | None]],
     tags: collections.Counter[str],
     leases: dict[str, Any],
+    foreign: dict[str, set[str]],
 ) -> dict[str, list[str]]:
-    """What of run r's VM is left: its processes, record, lease, netns, veth, rules."""
-    s = r.seen
+    """What of run r's VMs is left: their processes, records, leases, netns, veths,
+    rules; and of its page server: the process and its record."""
     left: dict[str, list[str]] = {k: [] for k in LEFT_KINDS}
     procs_left = left["processes"]
-    if alive(r.fcvm_pid):
-        procs_left.append(f"fcvm pid {r.fcvm_pid[0]}")
-    if alive(s.vmm):
-        procs_left.append(f"vmm pid {s.vmm[0]}")
-    for key, seen in s.helpers.items():
-        procs_left += [f"{key} pid {v[0]}" for v in seen if alive(v)]
-    for ino in s.netns:
-        users = [p for p, (_c, _cmd, n) in ps.items() if n == ino]
-        if users:
-            left["netns"].append(f"netns {ino} (pids {users})")
-            named = " ".join(procs_left)
-            procs_left += [
-                f"{ps[p][0]} pid {p} in the VM's netns" for p in users if f"pid {p}" not in named
-            ]
-    if s.vm_id:
-        if (base / "vms" / s.vm_id / "vm.json").exists():
-            left["records"].append(s.vm_id)
-        if s.vm_id in leases:
-            left["leases"].append(s.vm_id)
-        if tags.get(s.vm_id):
-            left["iptables"].append(f"{tags[s.vm_id]} rules fcvm:{s.vm_id}")
-    if s.veth and link_is(s.veth, s.gateway):
-        left["links"].append(s.veth)
+    if alive(r.server):
+        procs_left.append(f"page server pid {r.server[0]}")
+    if r.server_vm_id and (base / "vms" / r.server_vm_id / "vm.json").exists():
+        left["records"].append(f"{r.server_vm_id} (page server)")
+    for fcvm_pid, s in r.vms():
+        if alive(fcvm_pid):
+            procs_left.append(f"fcvm pid {fcvm_pid[0]}")
+        if alive(s.vmm):
+            procs_left.append(f"vmm pid {s.vmm[0]}")
+        for key, seen in s.helpers.items():
+            procs_left += [f"{key} pid {v[0]}" for v in seen if alive(v)]
+        for ino in s.netns:
+            users = [p for p, (_c, _cmd, n) in ps.items() if n == ino]
+            if users and not any(str(p) in foreign["pids"] for p in users):
+                left["netns"].append(f"netns {ino} (pids {users})")
+                named = " ".join(procs_left)
+                procs_left += [f"{ps[p][0]} pid {p} in the VM's netns"
+                               for p in users if f"pid {p}" not in named]  # fmt: skip
+        if s.vm_id:
+            if (base / "vms" / s.vm_id / "vm.json").exists():
+                left["records"].append(s.vm_id)
+            if s.vm_id in leases:
+                left["leases"].append(s.vm_id)
+            if tags.get(s.vm_id):
+                left["iptables"].append(f"{tags[s.vm_id]} rules fcvm:{s.vm_id}")
+        if s.veth and s.veth not in foreign["veths"] and link_is(s.veth, s.gateway):
+            left["links"].append(s.veth)
     return left
 
 
@@ -438,37 +684,108 @@ def _stray_processes(
 
 
 def leftovers(
-    runs: list[Run], base: Path, first_seen: dict[str, dict[str, int]], before: dict[str, Any]
-) -> tuple[dict[int, dict[str, list[str]]], dict[str, list[str]]]:
-    """Per run: what of its VM is left; and what is left that no run can be named for."""
+    runs: list[Run],
+    base: Path,
+    first_seen: dict[str, dict[str, int]],
+    before: dict[str, Any],
+    named_kept: bool = True,
+    foreign: dict[str, set[str]] | None = None,
+) -> tuple[dict[int, dict[str, list[str]]], dict[str, list[str]], dict[str, list[str]]]:
+    """Per run: what of its VM is left; what is left that no run can be named for; and
+    what is new since the start but others' (foreign: see foreign_now).
+    named_kept: the named snapshot's files are not counted (it was not removed)."""
+    foreign = foreign or {"ids": set(), "veths": set(), "bases": set(), "pids": set()}
     ps = procs()
     tags = iptables_tags()
     leases: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError, KeyError):
         leases = json.loads((base / "net" / "leases.json").read_text())["leases"]
-    per = {r.index: _run_leftovers(r, base, ps, tags, leases) for r in runs}
+    per = {r.index: _run_leftovers(r, base, ps, tags, leases, foreign) for r in runs}
+    others: dict[str, list[str]] = {}
     unattributed: dict[str, list[str]] = {k: [] for k in LEFT_KINDS}
     named = " ".join(x for v in per.values() for x in v["processes"])
     unattributed["processes"] = _stray_processes(base, ps, named)
-    ours = {r.seen.vm_id for r in runs if r.seen.vm_id}
-    unattributed["iptables"] = [
-        f"{n} rules fcvm:{t}" for t, n in tags.items() if t not in ours and t not in before["tags"]
-    ]
+    ours = {s.vm_id for r in runs for _p, s in r.vms() if s.vm_id}
+    new_tags = {t: n for t, n in tags.items() if t not in ours and t not in before["tags"]}
+    unattributed["iptables"] = [f"{n} rules fcvm:{t}" for t, n in new_tags.items()
+                                if t not in foreign["ids"]]  # fmt: skip
+    others["iptables"] = [f"{n} rules fcvm:{t}" for t, n in new_tags.items()
+                          if t in foreign["ids"]]  # fmt: skip
     unattributed["netns"] = [f"named {n}" for n in named_netns() - before["named_netns"]]
     # links, mounts, loop devices and files: new since the start, attributed to the run
     # after which each first appeared
     veths = {x for v in per.values() for x in v["links"]}
+    links = host_links() - before["links"] - veths
+    new_loops = loops() - before["loops"]
+    others["links"] = sorted(links & foreign["veths"])
+    others["loop_devices"] = sorted(
+        x
+        for x in new_loops
+        if any(x.split(":", 1)[1].startswith(b + "/") for b in foreign["bases"])
+    )
     now = {
-        "links": host_links() - before["links"] - veths,
+        "links": links - foreign["veths"],
         "mounts": {m for m in mounts() - before["mounts"] if str(base) in m or "nsfs" in m},
-        "loop_devices": loops() - before["loops"],
-        "files": files_left(base),
+        "loop_devices": new_loops - set(others["loop_devices"]),
+        "files": files_left(base, named=named_kept),
     }
     for kind, items in now.items():
         for item in sorted(items):
             idx = first_seen.get(kind, {}).get(item)
             (per[idx][kind] if idx is not None else unattributed[kind]).append(item)
-    return per, unattributed
+    return per, unattributed, {k: v for k, v in others.items() if v}
+
+
+# -- what belongs to others ------------------------------------------------------------
+# A test suite or another fcvm may run VMs beside the harness: their links, rules and
+# loop devices are new since the start too, but they are theirs. Their base directories
+# are learned as they run (from their VMMs' command lines, which name BASE/vms/ID/, and
+# from fcvm processes' FCVM_BASE_DIR); whatever those bases' records and leases name
+# when the harness counts is theirs, not left behind by the harness's runs.
+
+DEFAULT_BASE = "/var/lib/fcvm"  # (root's, without FCVM_BASE_DIR)
+VM_DIR = re.compile(rb"(/[^\s,=\0]+)/vms/([0-9a-f]{8})/")
+
+
+def note_foreign(base: Path, bases: set[str], ids: set[str], pids: set[int] | None = None) -> None:
+    """Add to bases the base directories of other fcvm VMs and processes alive now,
+    to ids their VMs' ids, and to pids (if given) their VMMs' and helpers' pids."""
+    mine = str(base).encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+        except OSError:
+            continue
+        for m in VM_DIR.finditer(cmd):
+            if m.group(1) != mine:
+                bases.add(m.group(1).decode(errors="replace"))
+                ids.add(m.group(2).decode())
+                if pids is not None:
+                    pids.add(int(d))
+        if b"-m\0fcvm" in cmd and (b := _environ_base(int(d)) or DEFAULT_BASE) != str(base):
+            bases.add(b)
+
+
+def foreign_now(base: Path, bases: set[str], ids: set[str]) -> dict[str, set[str]]:
+    """ids (VMs), veths, base directories and processes (VMMs, helpers) of others'
+    VMs, as far as known now. (A namespace's inode number is reused once it is freed:
+    one of a dead VM of the harness's may be another's live VM's now.)"""
+    pids: set[int] = set()
+    note_foreign(base, bases, ids, pids)
+    out: dict[str, set[str]] = {"ids": set(ids), "veths": set(), "bases": set(bases)}
+    out["pids"] = {str(p) for p in pids}
+    for b in bases:
+        with contextlib.suppress(OSError):
+            out["ids"] |= {d.name for d in Path(b, "vms").iterdir() if d.is_dir()}
+        with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
+            leases = json.loads(Path(b, "net", "leases.json").read_text())["leases"]
+            out["ids"] |= set(leases)
+            out["veths"] |= {str(v["veth"]) for v in leases.values() if v.get("veth")}
+            out["pids"] |= {str(v[k][0]) for v in leases.values() for k in ("holder", "slirp")
+                            if isinstance(v.get(k), list) and v[k]}  # fmt: skip
+    return out
 
 
 def _environ_base(pid: int) -> str:
@@ -485,7 +802,9 @@ def _environ_base(pid: int) -> str:
 def note_new(
     first_seen: dict[str, dict[str, int]], index: int, base: Path, before: dict[str, Any]
 ) -> None:
-    """After run `index`: what appeared (links, mounts, loops, files) is noted as its."""
+    """After run `index`: what appeared (links, mounts, loops, files) is noted as its.
+    What is gone is forgotten, so that the same name appearing again (a page server's
+    socket, a reused loop device) is put down to the run after which it did."""
     current = {
         "links": host_links() - before["links"],
         "mounts": mounts() - before["mounts"],
@@ -494,6 +813,8 @@ def note_new(
     }
     for kind, items in current.items():
         seen = first_seen.setdefault(kind, {})
+        for item in set(seen) - items:
+            del seen[item]
         for item in items:
             seen.setdefault(item, index)
 
@@ -506,9 +827,10 @@ def plan(args: argparse.Namespace, rng: random.Random) -> list[tuple[str, str, s
     random order, so a short run still meets every one); a victim's k-th run is in mode
     k % 2 (slirp4netns: rootless only) and without the image cache for k // 2 even, so
     each victim meets both modes and both paths. "on" is a restore, or for a quarter of
-    them a write (the cache emptied first)."""
+    them a write (the cache emptied first). A page server's run is "named": its clones
+    restore the named snapshot."""
     modes = args.modes.split(",")
-    victims = [v for v in args.victims.split(",") if v != "pageserver"]
+    victims = args.victims.split(",")
     if "rootless" not in modes and "slirp4netns" in victims:
         victims.remove("slirp4netns")
     count: collections.Counter[str] = collections.Counter()
@@ -525,6 +847,8 @@ def plan(args: argparse.Namespace, rng: random.Random) -> list[tuple[str, str, s
         count[victim] += 1
         if victim == "slirp4netns":
             mode, snap = "rootless", "off" if k % 2 == 0 else "on"
+        elif victim == "pageserver":  # (its clones restore the named snapshot)
+            mode, snap = modes[(k + first_mode[victim]) % len(modes)], "named"
         else:
             mode = modes[(k + first_mode[victim]) % len(modes)]
             snap = "off" if (k // len(modes)) % 2 == 0 else "on"
@@ -565,6 +889,20 @@ def summarize(runs: list[Run], per: dict[int, dict[str, list[str]]]) -> dict[str
         v["modes"][r.mode] += 1
         v["snapshot"][r.snapshot] += 1
         v["seconds"].append(r.seconds)
+        if r.victim == "pageserver":
+            ps = v.setdefault("pageserver", {
+                "server_exit_codes": collections.Counter(),
+                "clone_exit_codes": collections.Counter(),
+                "clone_lines": collections.Counter(),
+                "clone_seconds": {"exec": [], "attached": []},
+                "unexpected_clone_exits": [],
+            })  # fmt: skip
+            ps["server_exit_codes"][str(r.server_code)] += 1
+            for c in r.clones:
+                ps["clone_exit_codes"][f"{c.how}:{c.exit_code}"] += 1
+                ps["clone_lines"][re.sub(r"\bpid \d+", "pid N", f"{c.how}: {c.line}")] += 1
+                ps["clone_seconds"][c.how].append(c.seconds)
+            ps["unexpected_clone_exits"] += [f"run {r.index}: {x}" for x in r.unexpected]
         for kind, items in per[r.index].items():
             v["left_behind"][kind] += len(items)
             v["left_detail"] += [
@@ -575,6 +913,14 @@ def summarize(runs: list[Run], per: dict[int, dict[str, list[str]]]) -> dict[str
         v["run_seconds"] = {"median": secs[len(secs) // 2], "max": secs[-1]}
         for k in ("exit_codes", "lines", "kill_phase", "modes", "snapshot"):
             v[k] = dict(v[k].most_common())
+        if ps := v.get("pageserver"):
+            for k in ("server_exit_codes", "clone_exit_codes", "clone_lines"):
+                ps[k] = dict(ps[k].most_common())
+            for how, secs in ps["clone_seconds"].items():
+                secs.sort()
+                ps["clone_seconds"][how] = (
+                    {"median": secs[len(secs) // 2], "max": secs[-1]} if secs else {}
+                )
         if not v["left_detail"]:
             del v["left_detail"]
     return out
@@ -606,33 +952,60 @@ def main(argv: list[str] | None = None) -> int:
         "named_netns": named_netns(),
     }
     t_start = time.monotonic()
-    # how long a run lasts, per (mode, snapshot use): the shortest whole run of each kind
-    # so far; until there is one, a guess (cold boot ~6 s under TCG, a restore ~1 s)
-    expected: dict[tuple[str, bool], float] = {}
-    runs: list[Run] = []
+    runs_plan = plan(args, rng)
     first_seen: dict[str, dict[str, int]] = {}
-    for i, (mode, victim, snap) in enumerate(plan(args, rng)):
-        kind = (mode, snap == "restore")
-        guess = expected.get(kind, args.sleep + (1.5 if snap == "restore" else 7.0))
+    foreign_bases: set[str] = set()  # (others' VMs beside the harness: not counted)
+    foreign_ids: set[str] = set()
+    note_foreign(base, foreign_bases, foreign_ids)
+    template: Run | None = None
+    named: dict[str, Any] = {}
+    if any(victim == "pageserver" for _m, victim, _s in runs_plan):
+        template, named = make_template(base, env, logs)
+        note_new(first_seen, template.index, base, before)
+        print(f"template: {named}", file=sys.stderr, flush=True)
+    # how long a run lasts, per (mode, kind): the shortest whole run of each kind so far;
+    # until there is one, a guess (cold boot ~6 s under TCG, a restore ~1 s; a page
+    # server's: its start, two clones restored, sleep, the attached one interrupted)
+    guesses = {"boot": 7.0, "restore": 1.5, "pageserver": 3.0}
+    expected: dict[tuple[str, str], float] = {}
+    runs: list[Run] = []
+    for i, (mode, victim, snap) in enumerate(runs_plan):
+        kind = (mode, "pageserver" if victim == "pageserver"
+                else "restore" if snap == "restore" else "boot")  # fmt: skip
+        guess = expected.get(kind, args.sleep + guesses[kind[1]])
         run = Run(i, mode, victim, snap, delay=round(rng.uniform(0, 0.9 * guess), 3))
-        one_run(run, base, env, args.sleep, logs)
-        if run.exit_code == 0:  # (the shortest whole run of its kind seen)
+        if victim == "pageserver":
+            one_pageserver_run(run, base, env, args.sleep, logs)
+        else:
+            one_run(run, base, env, args.sleep, logs)
+        if run.exit_code == 0 and all(c.exit_code == 0 for c in run.clones):
             expected[kind] = min(run.seconds, expected.get(kind, run.seconds))
         note_new(first_seen, i, base, before)
+        note_foreign(base, foreign_bases, foreign_ids)
         runs.append(run)
+        clones = "".join(f" [{c.how} {c.exit_code}]" for c in run.clones[1:])
         print(
             f"run {i}: {mode} {snap} {victim} at {run.delay:.2f}s "
-            f"({run.kill_phase or 'missed'}) -> {run.exit_code} {run.line}",
+            f"({run.kill_phase or 'missed'}) -> {run.exit_code}{clones} {run.line}",
             file=sys.stderr,
             flush=True,
         )
     gc = fcvm("gc", env=env)
+    if template is not None:  # the named snapshot goes (refused if a clone still held it)
+        rm = fcvm("snapshots", "rm", SNAP, env=env)
+        named["rm_exit_code"] = rm.returncode
+        if rm.returncode != 0:
+            named["rm_stderr"] = rm.stderr.strip()[-300:]
     time.sleep(0.5)  # (helpers ending at EOF of their pipes take a moment)
-    per, unattributed = leftovers(runs, base, first_seen, before)
+    counted = runs + ([template] if template is not None else [])
+    per, unattributed, others = leftovers(
+        counted, base, first_seen, before, named_kept=named.get("rm_exit_code", 0) != 0,
+        foreign=foreign_now(base, foreign_bases, foreign_ids),
+    )  # fmt: skip
     victims = summarize(runs, per)
-    if "pageserver" in args.victims.split(","):
-        victims["pageserver"] = {"runs": 0, "note": NO_PAGESERVER}
-    total = {k: sum(len(per[r.index][k]) for r in runs) + len(unattributed[k]) for k in LEFT_KINDS}
+    total = {
+        k: sum(len(per[r.index][k]) for r in counted) + len(unattributed[k]) for k in LEFT_KINDS
+    }
     out: dict[str, Any] = {
         "runs": args.runs,
         "seed": seed,
@@ -648,11 +1021,29 @@ def main(argv: list[str] | None = None) -> int:
         "per_victim": victims,
         "left_behind_total": total,
         "unattributed": {k: v for k, v in unattributed.items() if v},
-        "expected_run_seconds": {
-            f"{m}/{'restore' if r else 'boot'}": s for (m, r), s in expected.items()
-        },
+        # new since the start but of other base directories' VMs (a test suite beside)
+        "others_not_counted": others,
+        "other_base_dirs": sorted(foreign_bases),
+        "expected_run_seconds": {f"{m}/{k}": s for (m, k), s in expected.items()},
     }
-    bad = any(total.values()) or any(r.hung for r in runs) or gc.returncode != 0
+    if template is not None:
+        named["template"] = {
+            "exit_code": template.exit_code,
+            "seconds": template.seconds,
+            "line": template.line,
+            "hung": template.hung,
+            "left_behind": {k: len(v) for k, v in per[template.index].items()},
+        }
+        if any(per[template.index].values()):
+            named["template"]["left_detail"] = per[template.index]
+        out["named_snapshot"] = named
+    bad = (
+        any(total.values())
+        or any(r.hung for r in runs)
+        or gc.returncode != 0
+        or any(r.unexpected for r in runs)
+        or (template is not None and not (named["ok"] and named["rm_exit_code"] == 0))
+    )
     if bad:
         out["logs"] = str(logs)  # fcvm's stderr of every run, kept to look into
     print(json.dumps(out, indent=1))
