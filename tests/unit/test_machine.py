@@ -9,6 +9,7 @@ cancelled), and a VMM that dies is reported as the cause.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -391,3 +392,50 @@ def test_supervise_reports_a_dead_network_helper(tmp_path: Path) -> None:
                 await m.supervise(work())
 
     arun(main())
+
+
+def test_snapshots_of_one_machine_never_overlap(tmp_path: Path) -> None:
+    """A startup snapshot and a `snapshot create` asked for at once: the second waits,
+    else its quiesce/resume would interleave with the first's and the agent would be
+    released while the first is still being saved."""
+    from fcvm.machine.snapshots import snapshot
+    from fcvm.vmm.base import Capabilities, SnapshotFiles
+
+    events: list[str] = []
+
+    class SnapVmm:
+        name = "fake"
+        capabilities = Capabilities(accel="tcg", snapshot=True, restore=True)
+
+        def pause(self) -> None:
+            events.append("pause")
+
+        def resume(self) -> None:
+            events.append("resume-vm")
+
+        def save_snapshot(self, files: SnapshotFiles, *, base: Any = None) -> None:
+            time.sleep(0.05)  # in a worker thread, as the real save
+            events.append(f"save {files.memory.name}")
+
+    class QuiescingSession:
+        async def quiesce(self) -> None:
+            events.append("quiesce")
+            await asyncio.sleep(0.01)
+
+        async def resume(self) -> None:
+            events.append("release")
+
+    async def main() -> None:
+        m = Machine(spec(tmp_path), parts=fake_parts(Log())[0])
+        m.vmm = SnapVmm()  # type: ignore[assignment]
+        m._session = QuiescingSession()  # type: ignore[assignment]
+        m.phase = Phase.RUNNING
+        await asyncio.gather(
+            snapshot(m, SnapshotFiles(tmp_path / "a", tmp_path / "a.state")),
+            snapshot(m, SnapshotFiles(tmp_path / "b", tmp_path / "b.state")),
+        )
+
+    arun(main())
+    one = ["quiesce", "pause", "save {}", "resume-vm", "release"]
+    assert events in ([e.format("a") for e in one] + [e.format("b") for e in one],
+                      [e.format("b") for e in one] + [e.format("a") for e in one])  # fmt: skip

@@ -120,6 +120,10 @@ class Machine:
         self.reflinked_disks: dict[str, bool] = {}  # ... and whether its last copy was one
         self.reconnects = 0  # sessions opened anew after a snapshot (see snapshot())
         self.volumes: Stoppable | None = None  # the --map servers (machine/volumes.py)
+        # One snapshot at a time: a second one's resume would release the agent while
+        # the first is still being saved (a startup snapshot and a `snapshot create`
+        # can be asked for at the same moment).
+        self.snapshot_lock = asyncio.Lock()
         # What runs in the VM, for snapshots' metadata (the workload sets it).
         self.workload: dict[str, Any] = {}
         self._session: Session | None = None

@@ -39,16 +39,29 @@ def refuse_maps(machine: Machine) -> None:
 
 async def snapshot(machine: Machine, files: SnapshotFiles) -> dict[str, str]:
     """Write a snapshot of the running VM (it goes on afterwards). Returns drive
-    name -> disk file name in the snapshot's directory."""
-    vmm, session = machine.vmm, machine.session
+    name -> disk file name in the snapshot's directory. One at a time per Machine."""
+    vmm = machine.vmm
     assert vmm is not None
     if not vmm.capabilities.snapshot:
         raise vmm._unsupported("take snapshots")
-    from fcvm.machine import disks
-
     saved: dict[str, str] = {}
     source = machine.restore_source
     base = source.files if source is not None else None
+    async with machine.snapshot_lock:
+        await _quiesced_save(machine, files, base, saved)
+    machine.timings.mark("snapshot-saved")
+    return saved
+
+
+async def _quiesced_save(
+    machine: Machine, files: SnapshotFiles, base: SnapshotFiles | None, saved: dict[str, str]
+) -> None:
+    """Quiesce, pause, save, resume (the session is the Machine's current one: a
+    snapshot before may have replaced it)."""
+    from fcvm.machine import disks
+
+    vmm, session = machine.vmm, machine.session
+    assert vmm is not None
 
     def save() -> None:
         vmm.save_snapshot(files, base=base)
@@ -70,8 +83,6 @@ async def snapshot(machine: Machine, files: SnapshotFiles) -> dict[str, str]:
             await session.resume()
         else:
             await machine.reconnect(session)
-    machine.timings.mark("snapshot-saved")
-    return saved
 
 
 async def client_request(machine: Machine, op: str, msg: dict[str, Any]) -> dict[str, Any]:
