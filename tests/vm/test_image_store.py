@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,7 +25,9 @@ def _run(
     name: str, image: str, tmp_path: Path, *cmd: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, float]]:
     timings = tmp_path / f"{name}.json"
-    proc = fcvm("podman", "run", "--name", name, image, "--", *cmd,
+    # (cold: the image's path into the guest is what these test, which a restore from
+    # the image cache would skip)
+    proc = fcvm("podman", "run", "--name", name, "--no-snapshot", image, "--", *cmd,
                 env={"FCVM_TIMINGS": str(timings), "FCVM_LOG": "info", **(env or {})})  # fmt: skip
     marks = json.loads(timings.read_text()) if timings.exists() else {}
     return proc, marks
@@ -113,7 +116,7 @@ def test_corrupt_store_falls_back_to_the_archive(
     assert proc.returncode == 0, proc.stderr
     assert "hello from fcvm-busybox" in proc.stdout
     assert "image-store-unusable" in marks and "image-load" in marks, marks
-    assert "image-store-unusable: mount /dev/vdb" in proc.stderr
+    assert re.search(r"image-store-unusable: mount /dev/vd[b-z]", proc.stderr), proc.stderr
 
 
 def test_unbuildable_store_falls_back_to_the_archive(
