@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import fcvm
+from tests.vm.runs import wait_healthy
 from tests.vm.tty import Tmux
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -111,16 +112,6 @@ def _start(name: str, *args: str) -> subprocess.Popen[str]:
                             text=True)  # fmt: skip
 
 
-def _wait_healthy(name: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for rec in json.loads(fcvm("ls", "--json", check=True).stdout):
-            if rec["name"] == name and rec["health"] == "healthy":
-                return rec  # type: ignore[no-any-return]
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never became healthy")
-
-
 def _stop(*procs: subprocess.Popen[str]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -148,8 +139,8 @@ def test_two_restored_vms_share_nothing_they_write(test_image: str, own_base: Pa
     a = _start("t-c-a", test_image, "--", "sleep", "600")
     b = _start("t-c-b", test_image, "--", "sleep", "600")
     try:
-        _wait_healthy("t-c-a")
-        _wait_healthy("t-c-b")
+        wait_healthy("t-c-a")
+        wait_healthy("t-c-b")
         assert cache_entry()["in_use"]
         write = "echo secret-a > /tmp/a-was-here; dd if=/dev/urandom of=/tmp/big bs=1M count=8"
         assert fcvm("exec", "--name", "t-c-a", "--", "sh", "-c", write).returncode == 0
@@ -203,7 +194,7 @@ def test_networking_after_a_restore(test_image: str, mode: str) -> None:
                "http://127.0.0.1:80/", test_image, "--", "httpd", "-f", "-p", "80",
                "-h", "/www")  # fmt: skip
     try:
-        rec = _wait_healthy(name)
+        rec = wait_healthy(name)
         assert rec["extra"].get("snapshot", "").startswith("cache-")  # restored
         host_ip = rec["network"]["host_ip"] if mode == "rootless" else "127.0.0.1"
         import urllib.request
@@ -233,7 +224,7 @@ def test_exec_it_into_a_restored_vm(test_image: str, tmux: Tmux) -> None:
     run("t-c-tty0", test_image, "--", "true")  # (the entry exists, or is made here)
     p = _start("t-c-tty", test_image, "--", "sleep", "600")
     try:
-        rec = _wait_healthy("t-c-tty")
+        rec = wait_healthy("t-c-tty")
         assert rec["extra"].get("snapshot", "").startswith("cache-")
         tmux.send(f"{sys.executable} -m fcvm exec --name t-c-tty -it -- sh", "Enter")
         tmux.wait_for("/ #")
@@ -256,7 +247,7 @@ def test_health_check_second_run_restores_a_started_service(test_image: str) -> 
     clear("startup")
     first = _start("t-c-svc", "--health-check", url, test_image, "--", *HEALTHY_SERVICE)
     try:
-        _wait_healthy("t-c-svc")
+        wait_healthy("t-c-svc")
         deadline = time.monotonic() + 120
         while not [s for s in snapshots() if s["kind"] == "startup"]:
             assert time.monotonic() < deadline, "no startup snapshot was written"
@@ -268,7 +259,7 @@ def test_health_check_second_run_restores_a_started_service(test_image: str) -> 
     t0 = time.monotonic()
     second = _start("t-c-svc2", "--health-check", url, test_image, "--", *HEALTHY_SERVICE)
     try:
-        rec = _wait_healthy("t-c-svc2")
+        rec = wait_healthy("t-c-svc2")
         healthy_after = time.monotonic() - t0
         assert rec["extra"].get("snapshot") == cache_entry("startup")["name"]
         # Not restarted: one start in the log, the very same process.
@@ -352,7 +343,7 @@ def test_rm_and_prune_never_remove_a_snapshot_in_use(test_image: str) -> None:
     name = cache_entry()["name"]
     p = _start("t-c-use", test_image, "--", "sleep", "600")
     try:
-        _wait_healthy("t-c-use")
+        wait_healthy("t-c-use")
         rm = fcvm("snapshots", "rm", name)
         assert rm.returncode == 125 and "in use" in rm.stderr
         assert len(rm.stderr.strip().splitlines()) == 1

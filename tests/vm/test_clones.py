@@ -14,35 +14,16 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.conftest import fcvm
+from tests.vm.runs import records, start, wait_healthy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 SOURCE = "t-clone-src"
 SNAP = "t-clone-snap"
-
-
-def records() -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in json.loads(fcvm("ls", "--json", check=True).stdout)}
-
-
-def wait_healthy(name: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rec = records().get(name)
-        if rec and rec["health"] == "healthy":
-            return rec
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never became healthy")
-
-
-def start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "fcvm", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def stop(*procs: subprocess.Popen[str]) -> None:

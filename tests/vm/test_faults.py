@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, fcvm
+from tests.vm.runs import start_run as _start
+from tests.vm.runs import wait_healthy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300), pytest.mark.usefixtures("no_leftovers")]
 
@@ -50,23 +52,6 @@ libc.ptrace(17, 1, None, None)  # PTRACE_DETACH
 """
 
 
-def _start(name: str, image: str, *flags: str, cmd: tuple[str, ...]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name, *flags, image, "--", *cmd],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _healthy(name: str, proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
-        for rec in json.loads(fcvm("ls", "--json", check=True).stdout):
-            if rec["name"] == name and rec["health"] == "healthy":
-                return rec  # type: ignore[no-any-return]
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never became healthy")
 
 
 def _end(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
@@ -163,7 +148,7 @@ def test_rootless_helpers_killed_the_port_answers_again(test_image: str) -> None
     p = _start("t-fault-rl", test_image, "-p", f"{port}:80",
                "--health-check", "http://127.0.0.1:80/i.html", cmd=_httpd(80, "rl"))  # fmt: skip
     try:
-        rec = _healthy("t-fault-rl", p)
+        rec = wait_healthy("t-fault-rl", p)
         url = f"http://{rec['network']['host_ip']}:{port}/i.html"
         assert _get(url) == "rl"
         _kill_slirp_and_wait_restarted(rec["vm_id"])
@@ -198,7 +183,7 @@ def test_bridged_holder_killed_then_vmm_killed(test_image: str) -> None:
     p = _start("t-fault-br", test_image, "--network", "bridged", "-p", f"{port}:80",
                "--health-check", "http://127.0.0.1:80/i.html", cmd=_httpd(80, "br"))  # fmt: skip
     try:
-        rec = _healthy("t-fault-br", p)
+        rec = wait_healthy("t-fault-br", p)
         _kill_holder(rec["vm_id"])
         assert _get(f"http://127.0.0.1:{port}/i.html", timeout=2) == "br"
         os.kill(int(rec["vmm_pid"]), signal.SIGKILL)
@@ -233,7 +218,7 @@ def test_guest_death_is_named_in_one_line(
     name = "t-fault-guest"
     p = _start(name, test_image, cmd=("sleep", "600"))
     try:
-        _healthy(name, p)
+        wait_healthy(name, p)
         fcvm("exec", "--name", name, "--vm", "--", *script, timeout=60)
         code, err = _end(p)
     finally:

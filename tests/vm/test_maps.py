@@ -53,6 +53,7 @@ from tests.host.volumes_diffworker import prepare, tree
 from tests.host.volumes_harness import private_tmpfs
 from tests.unit.volumes_wire import request
 from tests.vm.conftest import fcvm_vmm_processes, vm_dirs
+from tests.vm.runs import records, wait_healthy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -266,27 +267,12 @@ class Guest:
 # ---- the shared VM
 
 
-def records() -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in json.loads(fcvm("ls", "--json", check=True).stdout)}
-
-
 def start(*args: str, env: dict[str, str] | None = None, stderr: Any = subprocess.PIPE
           ) -> subprocess.Popen[str]:  # fmt: skip
     full = {k: v for k, v in os.environ.items() if k != "FCVM_NO_WRITEBACK_CACHE"}
     return subprocess.Popen([sys.executable, "-m", "fcvm", *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**full, **(env or {})})  # fmt: skip
-
-
-def wait_healthy(name: str, proc: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"fcvm exited {proc.returncode} before {name} ran"
-        rec = records().get(name)
-        if rec and rec["health"] == "healthy":
-            return rec
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never became healthy")
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

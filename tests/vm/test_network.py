@@ -4,13 +4,10 @@ loopback and to namespaces fcvm made."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -18,27 +15,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from tests.conftest import fcvm
+from tests.vm.runs import start_run as _start
+from tests.vm.runs import wait_healthy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300), pytest.mark.usefixtures("no_leftovers")]
 
 
-def _start(name: str, image: str, *flags: str, cmd: tuple[str, ...]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name, *flags, image, "--", *cmd],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _healthy(name: str, proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
-        for rec in json.loads(fcvm("ls", "--json", check=True).stdout):
-            if rec["name"] == name and rec["health"] == "healthy":
-                return rec  # type: ignore[no-any-return]
-        time.sleep(0.3)
-    raise AssertionError(f"{name} never became healthy")
 
 
 def _stop(*procs: subprocess.Popen[str]) -> None:
@@ -73,7 +55,7 @@ def test_rootless_publish_and_two_vms_on_one_guest_port(test_image: str) -> None
     a = _start("t-net-a", test_image, "--publish", f"{port}:80", *ready, cmd=_httpd(80, "vm-a"))
     b = _start("t-net-b", test_image, "-p", f"{port}:80", *ready, cmd=_httpd(80, "vm-b"))
     try:
-        rec_a, rec_b = _healthy("t-net-a", a), _healthy("t-net-b", b)
+        rec_a, rec_b = wait_healthy("t-net-a", a), wait_healthy("t-net-b", b)
         net_a, net_b = rec_a["network"], rec_b["network"]
         assert isinstance(net_a, dict) and isinstance(net_b, dict)
         assert net_a["host_ip"] != net_b["host_ip"]  # one loopback address per VM
@@ -93,7 +75,7 @@ def test_bridged_publish(test_image: str) -> None:
                "--health-check", "http://127.0.0.1:8000/i.html",
                cmd=_httpd(8000, "bridged"))  # fmt: skip
     try:
-        rec = _healthy("t-net-br", p)
+        rec = wait_healthy("t-net-br", p)
         assert _get(f"http://127.0.0.1:{port}/i.html") == "bridged"
         net = rec["network"]
         assert isinstance(net, dict) and net["mode"] == "bridged"
