@@ -587,3 +587,21 @@ def test_prune_superseded_keeps_live_and_newest(base: Path, agent_src: Path) -> 
     assert old[2].exists() and old[3].exists()
     assert (adir / m.rootfs.file).exists() and (adir / "notes.txt").exists()
     assets.resolve_assets()
+
+
+def test_setup_leaves_every_fcvm_module_byte_compiled() -> None:
+    """`fcvm setup` compiles the host's fcvm modules (an editable install has none, and
+    every command would compile what it imports from source)."""
+    import importlib.util
+
+    import fcvm
+    from fcvm.cli.setup import compile_own_modules
+
+    package = Path(fcvm.__file__).parent
+    victim = Path(importlib.util.cache_from_source(str(package / "cli" / "setup.py")))
+    victim.unlink(missing_ok=True)
+    compile_own_modules()
+    modules = [p for p in package.rglob("*.py") if "__pycache__" not in p.parts]
+    missing = [p for p in modules if not Path(importlib.util.cache_from_source(str(p))).is_file()]
+    assert modules and not missing
+    assert victim.is_file()

@@ -66,7 +66,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"fcvm setup: {stage}: {message}", file=sys.stderr, flush=True)
 
         assets = setup(force=args.force, kernel=args.kernel, initrd=args.initrd, progress=progress)
+    compile_own_modules()
     print(f"kernel  {assets.vmlinux} ({assets.kernel_version})")
     print(f"initrd  {assets.initrd}")
     print(f"rootfs  {assets.rootfs}")
     return 0
+
+
+def compile_own_modules() -> None:
+    """Byte-compile fcvm's own modules where they are installed. An editable install
+    (or PYTHONDONTWRITEBYTECODE) leaves none, and every fcvm command would then compile
+    what it imports from source: ~100 ms of a `podman run` restored from the cache.
+    ~3 ms when up to date; a directory fcvm cannot write is left as it is."""
+    import compileall
+
+    import fcvm
+
+    compileall.compile_dir(Path(fcvm.__file__).parent, quiet=2)
