@@ -31,4 +31,5 @@ def fcvm(
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return [f"fcvm base dir: {os.environ.get('FCVM_BASE_DIR', '(default)')}"]
+    given = os.environ.get("FCVM_BASE_DIR")
+    return [f"fcvm base dir: {given or '(default; the VM tier makes its own)'}"]

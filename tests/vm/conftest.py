@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,32 @@ def guest_assets() -> None:
         resolve_assets()
     except NotSetUp:
         subprocess.run([sys.executable, "-m", "fcvm", "setup"], check=True, timeout=3000)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vm_test_base(guest_assets: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The VM tier runs in a base directory of its own (state records, image store,
+    snapshot cache, VM disks), sharing only the guest assets: its VMs' prestart and
+    startup snapshots (~150 MB each, one per test image and configuration) are not left
+    in the user's cache, and the user's entries never decide what a test restores.
+    Removed at the end. A FCVM_BASE_DIR the caller set is used as it is."""
+    from fcvm import paths
+
+    if "FCVM_BASE_DIR" in os.environ:
+        yield paths.base_dir()
+        return
+    base = tmp_path_factory.mktemp("fcvm-base")
+    assets_given = os.environ.get("FCVM_ASSETS_DIR")
+    os.environ["FCVM_ASSETS_DIR"] = str(paths.assets_dir())
+    os.environ["FCVM_BASE_DIR"] = str(base)
+    try:
+        yield base
+    finally:
+        subprocess.run([sys.executable, "-m", "fcvm", "gc"], capture_output=True, timeout=120)
+        del os.environ["FCVM_BASE_DIR"]
+        if assets_given is None:
+            del os.environ["FCVM_ASSETS_DIR"]
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -111,12 +111,15 @@ def test_sigterm_is_forwarded_and_the_container_decides(test_image: str) -> None
     p = _start("t-sigfwd", test_image, "sh", "-c", script)
     try:
         _wait_healthy("t-sigfwd")
+        assert p.stdout is not None
+        # (healthy = started: the shell may not have reached its trap yet)
+        first = p.stdout.readline()
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
-    assert (p.returncode, out, err) == (7, "ready\ngot TERM\n", "")
+    assert (p.returncode, first + out, err) == (7, "ready\ngot TERM\n", "")
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
