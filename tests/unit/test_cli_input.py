@@ -91,3 +91,28 @@ def test_help_is_instant_and_complete() -> None:
     assert proc.returncode == 0
     for command in ("setup", "podman", "ls", "gc"):
         assert command in proc.stdout
+
+
+@pytest.mark.parametrize(("argv", "asyncio_loaded"), [
+    (["--help"], False),
+    (["ls"], False),
+    (["exec", "--name", "t-no-such-vm", "--", "true"], True),
+])  # fmt: skip
+def test_only_commands_that_run_vms_load_asyncio_and_none_loads_ssl(
+    argv: list[str], asyncio_loaded: bool, empty_base: dict[str, str]
+) -> None:
+    """Start-up cost: asyncio (~25 ms) only for the commands that need it, and without
+    ssl (~10 ms) even then."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\nfrom fcvm.cli.main import main\n"
+        "try:\n main(sys.argv[1:])\nexcept SystemExit:\n pass\n"
+        "print(json.dumps(['asyncio' in sys.modules, 'ssl' in sys.modules]), file=sys.stderr)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                       env={**os.environ, **empty_base}, timeout=60)  # fmt: skip
+    assert json.loads(r.stderr.strip().splitlines()[-1]) == [asyncio_loaded, False], r.stderr

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "FCVM_SNAPSHOT_CACHE_MAX (its size bound, e.g. 10G).",
     )
     parser.add_argument("--version", action="version", version=f"fcvm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="fcvm_command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = parser.parse_args(argv)
+        if args.fcvm_command in ASYNCIO_COMMANDS:
+            _import_asyncio_without_ssl()
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
         if func is None:
             parser.print_help()
@@ -93,8 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    _import_asyncio_without_ssl()
     sys.exit(main())
+
+
+# The commands that run VMs or talk to them (asyncio); the others (--help, ls, gc,
+# setup, snapshots) start without it.
+ASYNCIO_COMMANDS = frozenset({"podman", "exec", "snapshot"})
 
 
 def _import_asyncio_without_ssl() -> None:
