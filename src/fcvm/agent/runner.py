@@ -15,8 +15,9 @@ import subprocess
 
 from fcvm.agent import procs
 from fcvm.agent import protocol as p
-from fcvm.agent.container import Container, resolve_user
+from fcvm.agent.container import Container
 from fcvm.agent.image import ProcError
+from fcvm.agent.proc_view import resolve_user
 from fcvm.agent.spec import ProcessSpec
 from fcvm.session import Channel, fdio
 
