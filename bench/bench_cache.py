@@ -39,7 +39,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import ensure_setup, fcvm_cmd, free_port, load_avg, records, report, require_root, stats
+from common import (
+    ensure_setup,
+    fcvm_cmd,
+    free_port,
+    load_avg,
+    records,
+    report,
+    require_root,
+    stats,
+    stop,
+)
 
 IMAGE = "localhost/fcvm-busybox"
 PREFIX = "bench-cache-"
@@ -55,20 +65,6 @@ PHASES = (  # name, from mark, to mark ("" = the runner's clock start)
     ("container_run_exit", "container-started", "container-exited"),
     ("teardown", "container-exited", "vm-stopped"),
 )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Two SIGTERMs: the first goes to the container (podman's sig-proxy), which ignores it
-    as PID 1 here; the second stops the VM at once."""
-    for _ in range(2):
-        if proc.poll() is None:
-            proc.terminate()
-            time.sleep(0.05)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def run_once(name: str, args: list[str], tmp: Path, env: dict[str, str]

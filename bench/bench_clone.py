@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ensure_setup, fcvm_cmd, load_avg, records, report, require_root, stats
+from common import ensure_setup, fcvm_cmd, load_avg, records, report, require_root, stats, stop
 
 IMAGE = "localhost/fcvm-busybox"
 PREFIX = "bench-clone-"
@@ -52,20 +52,6 @@ def fcvm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def start(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*fcvm_cmd(), *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-
-
-def halt(*procs: subprocess.Popen[bytes]) -> None:
-    for p in procs:
-        for _ in range(2):  # the first goes to the container, the second stops the VM
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                time.sleep(0.02)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def wait_healthy(names: list[str]) -> dict[str, dict[str, Any]]:
@@ -168,7 +154,7 @@ def main() -> int:
     except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
         errors.append(str(exc))
     finally:
-        halt(*procs)
+        stop(*procs)
         if server is not None:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)

@@ -63,15 +63,23 @@ def records(name: str, *, exact: bool = False) -> list[dict[str, object]]:
     ]
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (fcvm cleans up), then SIGKILL after 30 s (the next fcvm reaps)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+def stop(*procs: subprocess.Popen[bytes]) -> None:
+    """Stop fcvm runs in the background as Ctrl-C at their terminals would: the first
+    signal goes to the container (podman's sig-proxy; a `sleep` or `httpd` as PID 1
+    ignores it), the second stops the VM at once; SIGKILL after 30 s (the next fcvm
+    reaps what that leaves)."""
+    for _ in range(2):
+        live = [p for p in procs if p.poll() is None]
+        for p in live:
+            p.send_signal(signal.SIGINT)
+        if live:
+            time.sleep(0.05)
+    for p in procs:
         try:
-            proc.wait(timeout=30)
+            p.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            p.kill()
+            p.wait()
 
 
 def free_port() -> int:

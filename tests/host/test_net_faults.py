@@ -24,19 +24,13 @@ from tests.host.test_net_support import FakeGuest, expect, ns_inode, roundtrip, 
 
 pytestmark = [
     pytest.mark.host,
+    pytest.mark.usefixtures("base"),
     pytest.mark.skipif(os.geteuid() != 0, reason="host network tests run as root"),
     pytest.mark.timeout(120),
 ]
 
 SUPPORT = Path(__file__).with_name("net_faults_support.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-@pytest.fixture(autouse=True)
-def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    b = tmp_path / "base"
-    monkeypatch.setenv("FCVM_BASE_DIR", str(b))
-    return b
 
 
 def checks_until_settled(h: NetHandle, timeout: float = 5.0) -> tuple[str | None, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -41,3 +42,22 @@ def wait_healthy(name: str, proc: subprocess.Popen[str] | None = None, timeout: 
             return rec
         time.sleep(0.2)
     raise AssertionError(f"{name} never became healthy")
+
+
+def stop(*procs: subprocess.Popen[str]) -> None:
+    """Stop fcvm runs in the background as Ctrl-C at their terminals would: the first
+    signal goes to the container (podman's sig-proxy; a `sleep` or `httpd` as PID 1
+    ignores it), the second stops the VM at once; SIGKILL after 30 s (the next fcvm
+    reaps what that leaves)."""
+    for _ in range(2):
+        live = [p for p in procs if p.poll() is None]
+        for p in live:
+            p.send_signal(signal.SIGINT)
+        if live:
+            time.sleep(0.05)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

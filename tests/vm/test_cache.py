@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import fcvm
-from tests.vm.runs import wait_healthy
+from tests.vm.runs import stop, wait_healthy
 from tests.vm.tty import Tmux
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -112,19 +111,6 @@ def _start(name: str, *args: str) -> subprocess.Popen[str]:
                             text=True)  # fmt: skip
 
 
-def _stop(*procs: subprocess.Popen[str]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            p.send_signal(signal.SIGINT)  # (the second stops the VM at once)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -157,7 +143,7 @@ def test_two_restored_vms_share_nothing_they_write(test_image: str, own_base: Pa
         rb = fcvm("exec", "--name", "t-c-b", "--", "sh", "-c", rand).stdout
         assert len(ra) > 16 and ra != rb
     finally:
-        _stop(a, b)
+        stop(a, b)
     # The cache was never written to (private mappings).
     assert (_sha256(memory), memory.stat().st_mtime_ns) == before
     assert not cache_entry()["in_use"]
@@ -216,7 +202,7 @@ def test_networking_after_a_restore(test_image: str, mode: str) -> None:
         addr = fcvm("exec", "--name", name, "--vm", "--", "ip", "-4", "addr", "show", "eth0")
         assert f"inet {rec['network']['guest_ip']}/" in addr.stdout
     finally:
-        _stop(p)
+        stop(p)
 
 
 @pytest.mark.usefixtures("no_leftovers")
@@ -234,7 +220,7 @@ def test_exec_it_into_a_restored_vm(test_image: str, tmux: Tmux) -> None:
         tmux.send("exit", "Enter")
         tmux.wait_for("$ ")
     finally:
-        _stop(p)
+        stop(p)
 
 
 HEALTHY_SERVICE = ("sh", "-c", "echo started >> /tmp/starts; echo pid $$; "
@@ -255,7 +241,7 @@ def test_health_check_second_run_restores_a_started_service(test_image: str) -> 
         pid1 = fcvm("exec", "--name", "t-c-svc", "--vm", "--", "sh", "-c",
                     "pgrep -x httpd").stdout.split()  # fmt: skip
     finally:
-        _stop(first)
+        stop(first)
     t0 = time.monotonic()
     second = _start("t-c-svc2", "--health-check", url, test_image, "--", *HEALTHY_SERVICE)
     try:
@@ -271,7 +257,7 @@ def test_health_check_second_run_restores_a_started_service(test_image: str) -> 
         assert fcvm("exec", "--name", "t-c-svc2", "--", "hostname").stdout == "t-c-svc2\n"
         assert healthy_after < 60  # (timing is bench/'s; this only says it did not hang)
     finally:
-        _stop(second)
+        stop(second)
 
 
 def _fresh_entry(test_image: str) -> Path:
@@ -351,7 +337,7 @@ def test_rm_and_prune_never_remove_a_snapshot_in_use(test_image: str) -> None:
         assert name not in json.loads(pruned.stdout)
         assert name in [s["name"] for s in snapshots()]
     finally:
-        _stop(p)
+        stop(p)
     assert fcvm("snapshots", "rm", name).returncode == 0
     assert name not in [s["name"] for s in snapshots()]
     bad = fcvm("snapshots", "rm", "no-such-snapshot")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,26 +17,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import fcvm
-from tests.vm.runs import records, start, wait_healthy
+from tests.vm.runs import records, start, stop, wait_healthy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 SOURCE = "t-clone-src"
 SNAP = "t-clone-snap"
-
-
-def stop(*procs: subprocess.Popen[str]) -> None:
-    for p in procs:
-        for _ in range(2):  # the first goes to the container (ignored by httpd/sleep)
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                time.sleep(0.05)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from tests.host.volumes_diffworker import prepare, tree
 from tests.host.volumes_harness import private_tmpfs
 from tests.unit.volumes_wire import request
 from tests.vm.conftest import fcvm_vmm_processes, vm_dirs
-from tests.vm.runs import records, wait_healthy
+from tests.vm.runs import records, stop, wait_healthy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -273,18 +272,6 @@ def start(*args: str, env: dict[str, str] | None = None, stderr: Any = subproces
     return subprocess.Popen([sys.executable, "-m", "fcvm", *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**full, **(env or {})})  # fmt: skip
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    for _ in range(2):  # the first goes to the container (ignored by sleep as pid 1)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.05)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def vmm_of(name: str) -> list[str]:

@@ -16,19 +16,11 @@ import pytest
 
 from tests.conftest import fcvm
 from tests.vm.runs import start_run as _start
-from tests.vm.runs import wait_healthy
+from tests.vm.runs import stop, wait_healthy
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300), pytest.mark.usefixtures("no_leftovers")]
 
 
-
-
-def _stop(*procs: subprocess.Popen[str]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        p.wait(timeout=30)
 
 
 def _httpd(port: int, text: str) -> tuple[str, ...]:
@@ -64,7 +56,7 @@ def test_rootless_publish_and_two_vms_on_one_guest_port(test_image: str) -> None
         assert _get(f"http://{net_a['host_ip']}:{port}/i.html") == "vm-a"
         assert _get(f"http://{net_b['host_ip']}:{port}/i.html") == "vm-b"
     finally:
-        _stop(a, b)
+        stop(a, b)
 
 
 def test_bridged_publish(test_image: str) -> None:
@@ -80,7 +72,7 @@ def test_bridged_publish(test_image: str) -> None:
         net = rec["network"]
         assert isinstance(net, dict) and net["mode"] == "bridged"
     finally:
-        _stop(p)
+        stop(p)
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     assert f"fcvm:{rec['vm_id']}" not in rules
 
