@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from fcvm.snapshot import cache, store
-from fcvm.snapshot.layout import KIND_PRESTART, SnapshotError, SnapshotMeta, layout
+from fcvm.snapshot.layout import KIND_PRESTART, SnapshotError, SnapshotMeta, layout, list_snapshots
 from fcvm.vmm import qemu_stream as qs
+from tests.conftest import fcvm
 
 pytestmark = pytest.mark.unit
 
@@ -216,6 +217,16 @@ def test_prune_by_age_and_lru_size(base: Path) -> None:
     one = store.size_on_disk(layout("cache-1").dir)
     assert cache.prune(max_bytes=one + 1) == ["cache-1"]  # least recently used first
     assert [e.layout.name for e in cache.listing()] == ["cache-2", "named-one"]
+
+
+def test_rm_names_what_it_removed_and_refuses_an_unknown_one(base: Path) -> None:
+    write("keep")
+    write("gone")
+    rm = fcvm("snapshots", "rm", "gone", env={"FCVM_BASE_DIR": str(base)})
+    assert (rm.returncode, rm.stdout) == (0, "removed gone\n"), rm.stderr
+    assert [snap.name for snap, _ in list_snapshots()] == ["keep"]
+    missing = fcvm("snapshots", "rm", "gone", env={"FCVM_BASE_DIR": str(base)})
+    assert missing.returncode == 125 and len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_gc_removes_what_a_killed_writer_left(base: Path) -> None:

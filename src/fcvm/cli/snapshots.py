@@ -89,6 +89,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     for name in args.names:
         store.remove(validate_name(name))
+        print(f"removed {name}")  # (as prune says it; podman rm names what it removed)
     return 0
 
 
