@@ -24,7 +24,7 @@ vm          one VM per --disk-size (the default, 8G, then `ram`: podman storage 
             ratio_rootfs_to_shm = rootfs rate / /dev/shm rate; cpu_s: guest CPU seconds
             by kind during the timed part (fsworker.py --cpu). disk_file: the VM's disk
             file on the host after the workloads (allocated bytes: the guest mounts it
-            without discard, so deleted files keep their blocks until the VM goes).
+            with discard on QEMU, so what the workloads deleted is given back).
 
 MiB = 2**20 bytes. No assertion on timing; exit 1 on a failed workload or a VM left
 behind.

@@ -2,13 +2,19 @@
 
 A container writes into its own filesystem as much as its disk holds - more than the
 VM's memory - and then gets ENOSPC, cleanly; `--disk-size ram` keeps the old in-memory
-layer. The disk is the VM's own (a fresh one each run, gone after it)."""
+layer. The disk is the VM's own (a fresh one each run, gone after it); what the
+container deletes is given back to the host's disk while the VM runs (discard)."""
 
 from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import fcvm
+from tests.vm.runs import records, start_run, stop
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600), pytest.mark.usefixtures("no_leftovers")]
 
@@ -45,3 +51,27 @@ def test_ram_backed_layer_on_request(test_image: str) -> None:
     assert guest.returncode == 0
     bad = fcvm("podman", "run", "--name", "t-store-bad", "--disk-size", "lots", test_image)
     assert bad.returncode == 125 and "malformed --disk-size" in bad.stderr
+
+
+def test_deleted_files_give_their_space_back_to_the_host(test_image: str) -> None:
+    """96 MiB written and synced occupy the VM's disk file on the host; deleted in the
+    container and synced, the file's blocks are freed again (holes punched)."""
+    script = "dd if=/dev/zero of=/fill bs=1M count=96 2>/dev/null && sync && echo written"
+    script += " && sleep 600"
+    proc = start_run("t-store-trim", test_image, "--disk-size", "1G", cmd=("sh", "-c", script))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "written\n", proc.stderr.read() if proc.stderr else ""
+        vm_id = records()["t-store-trim"]["vm_id"]
+        disk = Path(os.environ["FCVM_BASE_DIR"]) / "vms" / vm_id / "disk-storage"
+        written = disk.stat().st_blocks * 512
+        assert written >= 96 << 20, written
+        rm = fcvm("exec", "--name", "t-store-trim", "--", "sh", "-c", "rm /fill && sync")
+        assert rm.returncode == 0, rm.stderr
+        deadline = time.monotonic() + 30
+        while disk.stat().st_blocks * 512 > written - (80 << 20) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        freed = written - disk.stat().st_blocks * 512
+        assert freed >= 80 << 20, f"{freed >> 20} MiB freed of {written >> 20} MiB"
+    finally:
+        stop(proc)

@@ -153,10 +153,14 @@ class QemuVmm(ProcessVmm):
                 "-device", f"virtserialport,chardev=map{i},name={MAP_PORT_NAME.format(i)}",
             ]  # fmt: skip
         for drive in c.drives:
-            ro = "on" if drive.read_only else "off"
+            # A writable drive passes the guest's discards on as holes punched in its
+            # file, so what a container deletes is given back to the host's disk. (The
+            # virtio-blk device offers discard either way; only the backend changes,
+            # so this does not touch the device state a snapshot holds.)
+            mode = "readonly=on" if drive.read_only else "readonly=off,discard=unmap"
             argv += [
                 "-drive",
-                f"id={drive.drive_id},file={drive.path},format=raw,if=none,readonly={ro}",
+                f"id={drive.drive_id},file={drive.path},format=raw,if=none,{mode}",
                 "-device", f"virtio-blk-device,drive={drive.drive_id}",
             ]  # fmt: skip
         if c.net is not None:
