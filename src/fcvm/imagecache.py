@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fcvm import log
+from fcvm.errors import FcvmError
 from fcvm.machine import RestoreSource
 from fcvm.snapshot import cache
 from fcvm.snapshot.layout import KIND_PRESTART, KIND_STARTUP, SnapshotMeta
@@ -132,7 +133,18 @@ def forget(entry: cache.Entry, why: str) -> None:
 
 async def write(machine: Machine, keys: Keys, kind: str, workload: dict[str, Any]) -> bool:
     """Snapshot the running VM into the cache as key's `kind` entry (unless another run
-    is writing it); True if written. The VM goes on either way."""
+    is writing it); True if written. The VM goes on either way: a snapshot that cannot
+    be written (a full disk) is a warning, its remains removed, and the next run of the
+    key boots cold and tries again."""
+    try:
+        return await _write(machine, keys, kind, workload)
+    except (FcvmError, OSError) as exc:
+        why = exc.line() if isinstance(exc, FcvmError) else (exc.strerror or str(exc))
+        logger.warning("no %s snapshot for the image cache: %s (the run goes on)", kind, why)
+        return False
+
+
+async def _write(machine: Machine, keys: Keys, kind: str, workload: dict[str, Any]) -> bool:
     key = keys.startup if kind == KIND_STARTUP else keys.prestart
     assert key is not None
     spec = machine.spec

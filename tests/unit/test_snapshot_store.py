@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fcvm import paths
 from fcvm.snapshot import cache, store
 from fcvm.snapshot.layout import KIND_PRESTART, SnapshotError, SnapshotMeta, layout, list_snapshots
 from fcvm.vmm import qemu_stream as qs
@@ -204,6 +205,7 @@ def test_one_writer_per_key(base: Path) -> None:
             assert second is None  # another run is writing it: this one does not
     with cache.creator(key) as third:
         assert third is not None  # (nothing was committed: writable again)
+    assert [p.name for p in paths.snapshots_dir().iterdir()] == []  # no lock file left
 
 
 def test_prune_by_age_and_lru_size(base: Path) -> None:

@@ -323,6 +323,31 @@ def test_killed_while_snapshotting_leaves_nothing_restorable(test_image: str) ->
 
 
 @pytest.mark.usefixtures("no_leftovers")
+def test_a_full_disk_costs_the_snapshot_not_the_run(test_image: str) -> None:
+    """The snapshot directory on a 32 MiB filesystem: the ~150 MB prestart snapshot
+    cannot be written, and the run goes on (its output and exit code as ever) with one
+    warning line; nothing half-written or locked is left."""
+    from fcvm import paths
+
+    root = paths.snapshots_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "fcvm-test-full", str(root)],
+                   check=True)  # fmt: skip
+    try:
+        proc, marks = run("t-c-full", "--mem", "832", test_image, "--", "sh", "-c",
+                          "echo ran; exit 3")  # fmt: skip
+        assert (proc.returncode, proc.stdout) == (3, "ran\n"), proc.stderr
+        assert proc.stderr.splitlines() == [
+            "fcvm WARNING fcvm.imagecache: no prestart snapshot for the image cache: cannot "
+            "write the snapshot: No space left on device (the run goes on)"
+        ]
+        assert "snapshot-saved" not in marks
+        assert os.listdir(root) == []
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+@pytest.mark.usefixtures("no_leftovers")
 def test_rm_and_prune_never_remove_a_snapshot_in_use(test_image: str) -> None:
     clear()
     run("t-c-use0", test_image, "--", "true")

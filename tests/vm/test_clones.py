@@ -199,3 +199,22 @@ def test_snapshot_create_bad_input(snapshot: str) -> None:
         proc = fcvm("snapshot", "create", *args)
         assert proc.returncode == 125 and needle in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_snapshot_create_on_a_full_disk_is_one_line_and_the_vm_goes_on(snapshot: str) -> None:
+    from fcvm import paths
+
+    root = paths.snapshots_dir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "fcvm-test-full", str(root)],
+                   check=True)  # fmt: skip
+    try:
+        proc = fcvm("snapshot", "create", SOURCE, "--tag", "t-clone-full")
+        assert proc.returncode == 125, proc.stderr
+        assert proc.stderr.splitlines() == [
+            "fcvm: cannot write the snapshot: No space left on device"
+        ], proc.stderr
+        assert os.listdir(root) == []
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+    assert fcvm("exec", "--name", SOURCE, "--", "cat", "/tmp/marker").stdout == "before-snapshot\n"

@@ -127,6 +127,8 @@ async def save_named(machine: Machine, name: str) -> dict[str, Any]:
             await asyncio.to_thread(writer.commit, meta)
     except FcvmError as exc:
         raise StateError(exc.line()) from None
+    except OSError as exc:  # (a full disk while copying the VM's disks)
+        raise StateError(f"cannot write the snapshot: {exc.strerror or exc}") from None
     return {"name": name, "seconds": round(time.monotonic() - t0, 3),
             "bytes": store.size_on_disk(layout(name).dir),
             "reflinked": all(machine.reflinked_disks.values())}  # fmt: skip

@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fcvm import log, paths
@@ -111,20 +112,38 @@ def creator(key: str) -> Iterator[store.Writer | None]:
     name = name_of(key)
     root = paths.snapshots_dir()
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f".{name}.create", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock = root / f".{name}.create"
+    fd = _lock_creation(lock)
+    if fd is None:
+        logger.info("another run is writing snapshot %s; not writing it too", name)
+        yield None
+        return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("another run is writing snapshot %s; not writing it too", name)
-            yield None
-            return
         if layout(name).meta.is_file():
             yield None  # written while we booted
             return
         with store.writer(name) as w:
             yield w
     finally:
+        lock.unlink(missing_ok=True)  # (still held: nobody locks this file any more)
+        os.close(fd)
+
+
+def _lock_creation(lock: Path) -> int | None:
+    """An fd holding lock's flock, or None while another run holds it. The holder
+    unlinks the file when it is done (no lock file per key is left behind), so a lock
+    won on a file that is no longer at that path is retried on the new one."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except FileNotFoundError:
+            pass
         os.close(fd)
 
 

@@ -224,10 +224,16 @@ class QemuVmm(ProcessVmm):
             finally:
                 os.close(w)  # QEMU has its own copy: EOF comes when it closes it
             qmp.execute("migrate", {"uri": "fd:fcvm-save"})
-            qmp.wait_migration(time.monotonic() + SNAPSHOT_TIMEOUT)
+            try:
+                qmp.wait_migration(time.monotonic() + SNAPSHOT_TIMEOUT)
+            except VmmUnavailable:
+                # A reader that could not write (a full disk) fails QEMU's side with a
+                # broken pipe: the reader's reason is the one to give.
+                reader.join(5)
+                _raise_write_failure(failure)
+                raise
             reader.join(SNAPSHOT_TIMEOUT)
-            if failure:
-                raise failure[0]
+            _raise_write_failure(failure)
             if not stats:
                 raise VmmUnavailable("the snapshot stream did not end")
             os.fsync(mem_fd)
@@ -281,3 +287,13 @@ BACKEND = Backend(
     create=QemuVmm,
     version=lambda: process.binary_version(QEMU_BINARY),
 )
+
+
+def _raise_write_failure(failure: list[BaseException]) -> None:
+    """The snapshot reader's failure, if any: OSErrors (ENOSPC, EIO) as one line."""
+    if not failure:
+        return
+    exc = failure[0]
+    if isinstance(exc, OSError):
+        raise VmmUnavailable(f"cannot write the snapshot: {exc.strerror or exc}") from None
+    raise exc
