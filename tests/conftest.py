@@ -33,3 +33,13 @@ def fcvm(
 def pytest_report_header(config: pytest.Config) -> list[str]:
     given = os.environ.get("FCVM_BASE_DIR")
     return [f"fcvm base dir: {given or '(default; the VM tier makes its own)'}"]
+
+
+@pytest.fixture(autouse=True)
+def _no_callers_assets_dir(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit and host tests point FCVM_BASE_DIR at a directory of their own and expect
+    the guest assets under it: a caller's FCVM_ASSETS_DIR (exported to share built
+    assets) would have them read, and overwrite, the caller's real assets instead.
+    (The VM tier sets its own, to share the built assets on purpose.)"""
+    if request.node.get_closest_marker("vm") is None:
+        monkeypatch.delenv("FCVM_ASSETS_DIR", raising=False)
