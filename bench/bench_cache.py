@@ -44,6 +44,7 @@ from common import (
     fcvm_cmd,
     free_port,
     load_avg,
+    own_base,
     records,
     report,
     require_root,
@@ -221,11 +222,7 @@ def main() -> int:
     args = ap.parse_args()
     require_root("bench_cache", "guest assets and networking")
     ensure_setup()
-    base = Path(tempfile.mkdtemp(prefix="fcvm-bench-cache-"))
-    code = "from fcvm import paths; print(paths.assets_dir())"
-    assets = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.strip()  # fmt: skip
-    os.environ.update(FCVM_BASE_DIR=str(base), FCVM_ASSETS_DIR=assets)  # (records() too)
+    base = own_base("cache")  # (records() too)
     os.environ.pop("FCVM_NO_SNAPSHOT", None)
     env = dict(os.environ)
     out: dict[str, object] = {"bench": "cache", "image": IMAGE, "runs": args.runs,

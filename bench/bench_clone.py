@@ -34,7 +34,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ensure_setup, fcvm_cmd, load_avg, records, report, require_root, stats, stop
+from common import (
+    ensure_setup,
+    fcvm_cmd,
+    load_avg,
+    own_base,
+    records,
+    report,
+    require_root,
+    stats,
+    stop,
+)
 
 IMAGE = "localhost/fcvm-busybox"
 PREFIX = "bench-clone-"
@@ -90,11 +100,7 @@ def main() -> int:
     args = ap.parse_args()
     require_root("bench_clone", "guest assets and networking")
     ensure_setup()
-    base = Path(tempfile.mkdtemp(prefix="fcvm-bench-clone-"))
-    code = "from fcvm import paths; print(paths.assets_dir())"
-    assets = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.strip()  # fmt: skip
-    os.environ.update(FCVM_BASE_DIR=str(base), FCVM_ASSETS_DIR=assets)
+    base = own_base("clone")
     out: dict[str, Any] = {"bench": "clone", "runs": args.runs, "clones": args.clones,
                            "mem_mib": args.mem, "nproc": os.cpu_count(),
                            "load_avg_start": load_avg()}  # fmt: skip

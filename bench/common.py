@@ -13,6 +13,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +50,18 @@ def ensure_setup(timeout: float = 900.0) -> float:
     t0 = time.perf_counter()
     subprocess.run([*fcvm_cmd(), "setup"], check=True, capture_output=True, timeout=timeout)
     return time.perf_counter() - t0
+
+
+def own_base(bench: str) -> Path:
+    """A fresh FCVM_BASE_DIR for this process and the fcvm commands it runs (records,
+    snapshots and caches of its own), sharing the built guest assets
+    (FCVM_ASSETS_DIR); the caller removes it."""
+    base = Path(tempfile.mkdtemp(prefix=f"fcvm-bench-{bench}-"))
+    code = "from fcvm import paths; print(paths.assets_dir())"
+    assets = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    os.environ.update(FCVM_BASE_DIR=str(base), FCVM_ASSETS_DIR=assets)
+    return base
 
 
 def records(name: str, *, exact: bool = False) -> list[dict[str, object]]:
