@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,6 +223,37 @@ def test_prune_by_age_and_lru_size(base: Path) -> None:
     assert [e.layout.name for e in cache.listing()] == ["cache-2", "named-one"]
 
 
+def test_make_room_evicts_least_recently_used_cache_entries_only_if_that_suffices(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem of `capacity` bytes (what the snapshots occupy counts against it)."""
+    capacity = 0
+
+    def free_bytes(root: Path) -> int:
+        return capacity - store.size_on_disk(root)
+
+    monkeypatch.setattr(cache, "_free_bytes", free_bytes)
+    for i, age in enumerate((300, 200, 100)):
+        write(f"cache-{i}", size=8 << 20)
+        past = time.time() - age
+        layout(f"cache-{i}").last_used.touch()
+        os.utime(layout(f"cache-{i}").last_used, (past, past))
+    write("named-one", kind="named")
+    held = store.lease("cache-0")  # in use: never evicted
+    assert held is not None
+    one = store.size_on_disk(layout("cache-1").dir)
+    used = store.size_on_disk(base / "snapshots")
+    capacity = used + (1 << 20)
+    assert cache.make_room(1 << 20) == (True, 1 << 20)  # room already: nothing removed
+    # Even removing every evictable entry (cache-1, cache-2) would not make enough.
+    assert cache.make_room(2 * one + (2 << 20))[0] is False
+    assert len(cache.listing()) == 4
+    room, free = cache.make_room(one + (1 << 20))  # the oldest evictable one goes
+    assert room and free >= one + (1 << 20)
+    assert sorted(e.layout.name for e in cache.listing()) == ["cache-0", "cache-2", "named-one"]
+    held.release()
+
+
 def test_rm_names_what_it_removed_and_refuses_an_unknown_one(base: Path) -> None:
     write("keep")
     write("gone")
@@ -243,8 +276,17 @@ def test_gc_removes_what_a_killed_writer_left(base: Path) -> None:
     assert not list((base / "snapshots").iterdir())
 
 
-def test_private_disk_copies_keep_holes(tmp_path: Path) -> None:
-    src = tmp_path / "disk"
+@pytest.mark.parametrize("source_dir", ["same", "/dev/shm"])
+def test_private_disk_copies_keep_holes(tmp_path: Path, source_dir: str,
+                                        request: pytest.FixtureRequest) -> None:  # fmt: skip
+    """Within one filesystem, and from tmpfs to this one (copy_file_range refuses to
+    cross filesystems: EXDEV; the copy must not)."""
+    if source_dir != "same":
+        shm = Path(tempfile.mkdtemp(dir=source_dir))
+        request.addfinalizer(lambda: shutil.rmtree(shm))
+        if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip(f"{source_dir} is on the same filesystem as {tmp_path}")
+    src = (tmp_path if source_dir == "same" else shm) / "disk"
     with open(src, "wb") as f:
         f.truncate(64 << 20)
         f.seek(5 << 20)

@@ -243,11 +243,34 @@ def copy_disk(src: Path, dst: Path) -> bool:
                     break
                 raise
             hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
-            pos = data
-            while pos < hole:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), hole - pos, pos, pos)
-                if n == 0:
-                    break
-                pos += n
+            _copy_range(fin.fileno(), fout.fileno(), data, hole)
             offset = hole
     return False
+
+
+# copy_file_range refuses some pairs of files (two filesystems: EXDEV; some kinds of
+# file or filesystem: EOPNOTSUPP, EINVAL); the bytes are then read and written.
+_NO_COPY_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+_CHUNK = 1 << 20
+
+
+def _copy_range(fin: int, fout: int, pos: int, end: int) -> None:
+    """Bytes [pos, end) of fin to the same offsets of fout."""
+    while pos < end:
+        try:
+            n = os.copy_file_range(fin, fout, end - pos, pos, pos)
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            break
+        if n == 0:
+            return
+        pos += n
+    while pos < end:
+        chunk = os.pread(fin, min(_CHUNK, end - pos), pos)
+        if not chunk:
+            return
+        written = 0
+        while written < len(chunk):
+            written += os.pwrite(fout, chunk[written:], pos + written)
+        pos += len(chunk)
