@@ -151,6 +151,15 @@ async def _write(machine: Machine, keys: Keys, kind: str, workload: dict[str, An
     with cache.creator(key) as writer:
         if writer is None:
             return False
+        # Room first (least recently used entries make way), so that a nearly full disk
+        # costs a line, not a paused VM and a write that fails.
+        needed = cache.bytes_needed(spec.mem_mib, machine.disks.values())
+        room, free = await asyncio.to_thread(cache.make_room, needed)
+        if not room:
+            logger.warning("no %s snapshot for the image cache: %d MiB free where snapshots "
+                           "go, up to %d MiB needed (the run goes on)", kind, free >> 20,
+                           needed >> 20)  # fmt: skip
+            return False
         snap = writer.layout
         disks = await machine.snapshot(SnapshotFiles(snap.memory, snap.vmstate))
         meta = SnapshotMeta(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -324,9 +325,11 @@ def test_killed_while_snapshotting_leaves_nothing_restorable(test_image: str) ->
 
 @pytest.mark.usefixtures("no_leftovers")
 def test_a_full_disk_costs_the_snapshot_not_the_run(test_image: str) -> None:
-    """The snapshot directory on a 32 MiB filesystem: the ~150 MB prestart snapshot
-    cannot be written, and the run goes on (its output and exit code as ever) with one
-    warning line; nothing half-written or locked is left."""
+    """The snapshot directory on a 32 MiB filesystem: no room for the prestart snapshot
+    (up to the guest's 832 MiB), so none is attempted, and the run goes on (its output
+    and exit code as ever) with one warning line; nothing half-written or locked is
+    left. (A write that fails all the same, ENOSPC, is `snapshot create`'s test in
+    test_clones.py: the same one line, the VM going on.)"""
     from fcvm import paths
 
     root = paths.snapshots_dir()
@@ -337,10 +340,12 @@ def test_a_full_disk_costs_the_snapshot_not_the_run(test_image: str) -> None:
         proc, marks = run("t-c-full", "--mem", "832", test_image, "--", "sh", "-c",
                           "echo ran; exit 3")  # fmt: skip
         assert (proc.returncode, proc.stdout) == (3, "ran\n"), proc.stderr
-        assert proc.stderr.splitlines() == [
-            "fcvm WARNING fcvm.imagecache: no prestart snapshot for the image cache: cannot "
-            "write the snapshot: No space left on device (the run goes on)"
-        ]
+        (line,) = proc.stderr.splitlines()
+        assert re.fullmatch(
+            r"fcvm WARNING fcvm.imagecache: no prestart snapshot for the image cache: "
+            r"(31|32) MiB free where snapshots go, up to 8[5-9]\d MiB needed \(the run goes on\)",
+            line,
+        ), line
         assert "snapshot-saved" not in marks
         assert os.listdir(root) == []
     finally:

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,6 +246,47 @@ def prune(
         total -= e.size
         removed.append(e.layout.name)
     return removed
+
+
+def bytes_needed(mem_mib: int, disks: Iterable[Path]) -> int:
+    """At most what a snapshot of a VM takes on disk: all of its memory (the file is
+    sparse, usually far less), its disks' allocated blocks (copies, unless reflinked),
+    and a little for the device state."""
+    total = (mem_mib << 20) + (16 << 20)
+    for disk in disks:
+        with contextlib.suppress(OSError):
+            total += os.stat(disk).st_blocks * 512
+    return total
+
+
+def make_room(needed: int) -> tuple[bool, int]:
+    """Before writing an entry of up to `needed` bytes: whether the snapshot directory's
+    filesystem has room, after removing least recently used cache entries (never one
+    in use, never a named snapshot) if that makes enough; nothing is removed when even
+    all of them would not. Also the bytes free then."""
+    root = paths.snapshots_dir()
+    free = _free_bytes(root)
+    if free >= needed:
+        return True, free
+    evictable = [e for e in listing()
+                 if e.meta is not None and e.meta.kind in CACHE_KINDS and not e.in_use]  # fmt: skip
+    if free + sum(e.size for e in evictable) < needed:
+        return False, free
+    for e in sorted(evictable, key=lambda e: e.last_used):
+        try:
+            store.remove(e.layout.name)
+        except SnapshotError:
+            continue
+        logger.info("removed snapshot %s to make room for a new one", e.layout.name)
+        free = _free_bytes(root)
+        if free >= needed:
+            return True, free
+    return False, free
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _orphaned(meta: SnapshotMeta | None) -> bool:
