@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -348,6 +349,37 @@ def test_a_full_disk_costs_the_snapshot_not_the_run(test_image: str) -> None:
         ), line
         assert "snapshot-saved" not in marks
         assert os.listdir(root) == []
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_least_recently_used_entries_make_room_on_a_filesystem_of_its_own(test_image: str
+                                                                          ) -> None:  # fmt: skip
+    """The snapshot directory a tmpfs of its own (disks are then copied across two
+    filesystems, both ways), nearly full: a new key's snapshot takes the place of the
+    older entry, and restores."""
+    from fcvm import paths
+
+    clear()
+    root = paths.snapshots_dir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1300m", "fcvm-test-room", str(root)],
+                   check=True)  # fmt: skip
+    try:
+        first, _ = run("t-c-room1", "--mem", "256", test_image, "--", "true")
+        assert first.returncode == 0, first.stderr
+        (old,) = [s["name"] for s in snapshots()]
+        with open(root / "filler", "wb") as f:  # leave 200 MiB: less than 256 MiB + disks
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(root).free - (200 << 20))
+        proc, marks = run("t-c-room2", "--mem", "256", "--disk-size", "4G", test_image, "--",
+                          "echo", "second")  # fmt: skip
+        assert proc.stdout == "second\n" and "snapshot-saved" in marks, proc.stderr
+        (new,) = [s["name"] for s in snapshots()]
+        assert new != old
+        again, marks = run("t-c-room3", "--mem", "256", "--disk-size", "4G", test_image, "--",
+                           "echo", "third")  # fmt: skip
+        assert again.stdout == "third\n" and restored(marks), again.stderr
+        fcvm("snapshots", "rm", new, check=True)
     finally:
         subprocess.run(["umount", str(root)], check=True)
 
