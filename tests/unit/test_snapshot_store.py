@@ -313,6 +313,16 @@ def test_cache_size_bound_is_configurable(monkeypatch: pytest.MonkeyPatch, base:
 
     with pytest.raises(UsageError, match="malformed size"):
         cache.parse_size("lots")
+    (base / "config.toml").write_text('snapshot_cache_max = "lots"\n')
+    with pytest.raises(UsageError) as bad:
+        cache.limit_bytes()
+    assert str(bad.value) == (f"malformed snapshot_cache_max in {base / 'config.toml'}: 'lots' "
+                              "(expected e.g. 500M or 10G)")  # fmt: skip
+    monkeypatch.setenv("FCVM_SNAPSHOT_CACHE_MAX", "12 parsecs")
+    with pytest.raises(UsageError, match="malformed FCVM_SNAPSHOT_CACHE_MAX: '12 parsecs'"):
+        cache.limit_bytes()
+    monkeypatch.delenv("FCVM_SNAPSHOT_CACHE_MAX")
+    (base / "config.toml").write_text('snapshot_cache_max = "2G"\n')
     write("listed")
     (row,) = [e.to_json() for e in cache.listing()]
     assert json.loads(json.dumps(row))["name"] == "listed" and row["in_use"] is False

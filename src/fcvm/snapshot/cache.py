@@ -156,19 +156,29 @@ def parse_size(value: str) -> int:
 
 
 def limit_bytes() -> int:
+    """The cache's size bound: $FCVM_SNAPSHOT_CACHE_MAX, else `snapshot_cache_max` in
+    config.toml, else 10G. A malformed value is a UsageError that says where it is."""
     env = os.environ.get("FCVM_SNAPSHOT_CACHE_MAX")
     if env:
-        return parse_size(env)
+        return _size_setting(env, "FCVM_SNAPSHOT_CACHE_MAX")
+    cfg = paths.config_file()
     try:
         import tomllib
 
-        with open(paths.config_file(), "rb") as f:
+        with open(cfg, "rb") as f:
             value = tomllib.load(f).get("snapshot_cache_max")
-        if isinstance(value, str | int):
-            return parse_size(str(value))
     except (OSError, ValueError):
-        pass
-    return DEFAULT_LIMIT
+        return DEFAULT_LIMIT  # (no config; an unreadable one is reported where it is read)
+    if value is None:
+        return DEFAULT_LIMIT
+    return _size_setting(str(value), f"snapshot_cache_max in {cfg}")
+
+
+def _size_setting(value: str, where: str) -> int:
+    try:
+        return parse_size(value)
+    except UsageError:
+        raise UsageError(f"malformed {where}: {value!r} (expected e.g. 500M or 10G)") from None
 
 
 @dataclass
