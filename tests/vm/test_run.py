@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from tests.conftest import fcvm
 from tests.vm.conftest import fcvm_vmm_processes, vm_dirs
+from tests.vm.tty import Tmux
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300), pytest.mark.usefixtures("no_leftovers")]
 
@@ -238,3 +240,39 @@ def test_sigterm_while_starting_leaves_nothing(test_image: str, delay: float) ->
     # 143 once fcvm handles signals; a signal that lands before Python has even
     # started fcvm kills it outright, with nothing made yet (no_leftovers checks).
     assert p.returncode in (143, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize("boot", ["restored", "cold"])
+def test_tty_alone_gives_the_container_a_named_terminal(test_image: str, boot: str) -> None:
+    """`-t` with stdin not a terminal, as podman: the container's stdout is a terminal
+    of its own devpts (so `tty` names it), CR-LF on the way out. On a booted VM and on
+    one restored from the image cache: both start the container through the gate."""
+    flags = ["--no-snapshot"] if boot == "cold" else []
+    fcvm("podman", "run", "--name", "t-tty0", test_image, "--", "true")  # (the cache entry)
+    proc = subprocess.run([sys.executable, "-m", "fcvm", "podman", "run", "--name", "t-tty",
+                           "-t", *flags, test_image, "--",
+                           "sh", "-c", "test -t 0 && test -t 1 && tty; exit 4"],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=180)  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (4, b"/dev/pts/0\r\n"), proc.stderr
+
+
+def test_interactive_terminal_in_the_container(test_image: str, tmux: Tmux) -> None:
+    """`podman run -it -- sh` at a real terminal: a prompt, the terminal's size and its
+    changes, Ctrl-C to the container's foreground program, the shell's exit code."""
+    cmd = shlex.join([sys.executable, "-m", "fcvm", "podman", "run", "--name", "t-it", "-it",
+                      test_image, "--", "sh"])  # fmt: skip
+    tmux.send(f"{cmd}; echo DONE-$?", "Enter")
+    tmux.wait_for("/ #")
+    tmux.send("clear; tty; stty size", "Enter")
+    tmux.wait_for("/dev/pts/0\n30 100")
+    tmux.resize(120, 40)
+    time.sleep(0.5)
+    tmux.send("clear; stty size", "Enter")
+    tmux.wait_for("40 120")
+    tmux.send("clear; sleep 100", "Enter")
+    time.sleep(1.5)
+    tmux.send("C-c")
+    tmux.send("echo rc=$?", "Enter")
+    tmux.wait_for("rc=130")
+    tmux.send("exit 3", "Enter")
+    tmux.wait_for("DONE-3")

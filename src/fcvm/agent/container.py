@@ -27,7 +27,6 @@ import enum
 import json
 import logging
 import os
-import pty
 import shutil
 import socket
 import struct
@@ -38,7 +37,7 @@ from fcvm.agent import procs
 from fcvm.agent import protocol as p
 from fcvm.agent.image import ProcError, prepare_image, run_quiet
 from fcvm.agent.maps import Maps
-from fcvm.agent.proc_view import config_env, warm_page_cache, zombie_status
+from fcvm.agent.proc_view import config_env, container_pty, warm_page_cache, zombie_status
 from fcvm.agent.spec import ContainerSetup, ProcessSpec, command_line
 from fcvm.session import Channel, SessionClosed, fdio
 
@@ -282,7 +281,7 @@ class Container:
         child: list[int] = []
         try:
             if spec.tty:
-                master, slave = pty.openpty()
+                master, slave = container_pty(self.pid)
                 procs.set_winsize(slave, spec.rows, spec.cols)
                 self._master = self._stdin = master
                 child = [slave, slave, slave]

@@ -2,14 +2,17 @@
 
 Reading the container's files this way needs no podman command (each costs ~1 s under
 emulation): its default program read ahead of the image cache's snapshot, the user
-`--user` names, the environment its config gives, a zombie's exit status.
+`--user` names, the environment its config gives, a zombie's exit status, a terminal
+of its own devpts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import pty
 import struct
 
 from fcvm.agent.image import ProcError
@@ -133,3 +136,25 @@ def zombie_status(pid: int) -> int | None:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+TIOCSPTLCK = 0x40045431  # unlockpt()
+TIOCGPTPEER = 0x5441  # the slave of this master, as a new descriptor (Linux 4.13)
+
+
+def container_pty(pid: int) -> tuple[int, int]:
+    """(master, slave) of a new terminal in the container's own devpts, as podman's -t
+    gives: inside, the slave is /dev/pts/N of the container's /dev/pts, so ttyname()
+    and `tty` work. (A terminal of the guest's devpts would be a TTY there all the same,
+    but one without a name in the container.) Falls back to the guest's devpts."""
+    try:
+        master = os.open(f"/proc/{pid}/root/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return pty.openpty()
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        os.close(master)
+        return pty.openpty()
+    return master, slave

@@ -18,7 +18,8 @@
  *                  a TTY the terminal's slave three times), then the payload: argc
  *                  NUL-terminated arguments followed by envc "KEY=VALUE" strings, which
  *                  are set on top of the environment podman gave us.
- *   gate           with a TTY: setsid() and make it the controlling terminal; dup2 the
+ *   gate           with a TTY: a session of its own (crun has made one already: setsid()
+ *                  only if not) with the terminal as its controlling one; dup2 the
  *                  three onto 0, 1, 2; execvp(argv[0]). The socket is close-on-exec,
  *                  so success is end-of-file for the agent.
  *   gate -> agent  on failure only: "E<errno>\n", then exit 127 (not found) or 126.
@@ -165,7 +166,11 @@ int main(void) {
             report(sock, errno);
     }
     if (h.flags & FLAG_TTY) {
-        if (setsid() < 0 || ioctl(fds[0], TIOCSCTTY, 0) < 0)
+        /* (crun starts every container process as a session leader; setsid() would
+         * then fail with EPERM, and is only needed where it did not) */
+        if (getsid(0) != getpid() && setsid() < 0)
+            report(sock, errno);
+        if (ioctl(fds[0], TIOCSCTTY, 0) < 0)
             report(sock, errno);
     }
     for (int i = 0; i < 3; i++) {
