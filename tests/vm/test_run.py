@@ -276,3 +276,15 @@ def test_interactive_terminal_in_the_container(test_image: str, tmux: Tmux) -> N
     tmux.wait_for("rc=130")
     tmux.send("exit 3", "Enter")
     tmux.wait_for("DONE-3")
+
+
+def test_privileged_gives_all_capabilities_and_the_guests_devices(test_image: str) -> None:
+    script = "grep CapEff /proc/self/status; test -e /dev/vda && echo has-vda; exit 0"
+    plain = fcvm("podman", "run", "--name", "t-unpriv", test_image, "--", "sh", "-c", script)
+    priv = fcvm("podman", "run", "--name", "t-priv", "--privileged", test_image, "--",
+                "sh", "-c", script)  # fmt: skip
+    assert plain.returncode == 0 and priv.returncode == 0, plain.stderr + priv.stderr
+    caps = {name: int(p.stdout.split()[1], 16) for name, p in (("plain", plain), ("priv", priv))}
+    sys_admin = 1 << 21
+    assert caps["priv"] & sys_admin and not caps["plain"] & sys_admin
+    assert "has-vda" in priv.stdout and "has-vda" not in plain.stdout
