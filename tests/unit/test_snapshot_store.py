@@ -210,13 +210,18 @@ def test_one_writer_per_key(base: Path) -> None:
     assert [p.name for p in paths.snapshots_dir().iterdir()] == []  # no lock file left
 
 
-def test_prune_by_age_and_lru_size(base: Path) -> None:
+def cache_entries_and_a_named_one() -> None:
+    """cache-0, -1, -2 last used 300, 200 and 100 s ago; named-one, a named snapshot."""
     for i, age in enumerate((300, 200, 100)):
         write(f"cache-{i}", size=8 << 20)
         past = time.time() - age
         layout(f"cache-{i}").last_used.touch()
         os.utime(layout(f"cache-{i}").last_used, (past, past))
     write("named-one", kind="named")
+
+
+def test_prune_by_age_and_lru_size(base: Path) -> None:
+    cache_entries_and_a_named_one()
     assert cache.prune(older_than=250) == ["cache-0"]
     one = store.size_on_disk(layout("cache-1").dir)
     assert cache.prune(max_bytes=one + 1) == ["cache-1"]  # least recently used first
@@ -233,12 +238,7 @@ def test_make_room_evicts_least_recently_used_cache_entries_only_if_that_suffice
         return capacity - store.size_on_disk(root)
 
     monkeypatch.setattr(cache, "_free_bytes", free_bytes)
-    for i, age in enumerate((300, 200, 100)):
-        write(f"cache-{i}", size=8 << 20)
-        past = time.time() - age
-        layout(f"cache-{i}").last_used.touch()
-        os.utime(layout(f"cache-{i}").last_used, (past, past))
-    write("named-one", kind="named")
+    cache_entries_and_a_named_one()
     held = store.lease("cache-0")  # in use: never evicted
     assert held is not None
     one = store.size_on_disk(layout("cache-1").dir)
