@@ -97,6 +97,13 @@ def parse_cpus(value: str) -> int:
         raise UsageError(f"malformed --cpu {value!r}: expected a whole number of vCPUs") from None
     if not 1 <= cpus <= MAX_CPUS:
         raise UsageError(f"--cpu {cpus}: must be between 1 and {MAX_CPUS}")
+    # More vCPUs than the host can run at once gain nothing, and under emulation (a
+    # thread per vCPU) such a guest does not even boot in time; podman refuses more
+    # CPUs than there are, too.
+    host = len(os.sched_getaffinity(0))
+    if cpus > host:
+        raise UsageError(f"--cpu {cpus}: this host has {host} CPU{'s' if host > 1 else ''} "
+                         "for fcvm to use")  # fmt: skip
     return cpus
 
 

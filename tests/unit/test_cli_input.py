@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ def empty_base(tmp_path: Path) -> dict[str, str]:
         (["--env", "1A=x"], "malformed --env"),
         (["--cpu", "two"], "malformed --cpu"),
         (["--cpu", "0"], "--cpu 0"),
+        (["--cpu", "65"], "must be between 1 and 64"),
+        ([f"--cpu={len(os.sched_getaffinity(0)) + 1}"], "this host has"),
         (["--mem", "lots"], "malformed --mem"),
         (["--mem", "1"], "--mem 1"),
         (["--cmd", "sh -c 'unterminated"], "malformed --cmd"),
