@@ -65,6 +65,14 @@ def test_exec_output_and_exit_codes(service: str) -> None:
     assert not_found.returncode == 127
     cannot_run = fcvm("exec", "--name", service, "--", "/etc/passwd")
     assert cannot_run.returncode == 126
+    no_dir = fcvm("exec", "--name", service, "-w", "/no-such-dir", "--", "true")
+    assert no_dir.returncode == 127
+    # Why, in one line of fcvm's (crun's own copy of it on the command's stderr is
+    # held back until the command runs, and dropped when it never does).
+    for proc, words in ((not_found, "`no-such-command` not found"),
+                        (cannot_run, "Permission denied"), (no_dir, "/no-such-dir")):  # fmt: skip
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith("fcvm: ") and words in line, proc.stderr
 
 
 def test_exec_env_workdir(service: str) -> None:

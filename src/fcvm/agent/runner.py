@@ -149,9 +149,17 @@ async def _execute(
     readers: list[asyncio.Task[None]] = []  # process output -> host
     writers: list[asyncio.Task[None]] = []  # host input -> process
 
+    held: _HeldStderr | None = None
+
     def output(fd: int, ch: Channel) -> None:
         os.set_blocking(fd, False)
         readers.append(asyncio.create_task(fdio.pump_fd_to_channel(fd, ch, close_fd=True)))
+
+    def crun_stderr(fd: int, ch: Channel, pidfile: str) -> None:
+        nonlocal held
+        os.set_blocking(fd, False)
+        held = _HeldStderr(fd, ch, pidfile)
+        readers.append(asyncio.create_task(held.pump()))
 
     def input_(ch: Channel, fd: int, *, close_fd: bool) -> None:
         os.set_blocking(fd, False)
@@ -165,10 +173,12 @@ async def _execute(
             assert pipe is not None
             raw = os.dup(pipe.fileno())
             pipe.close()
-            if fd in stdio:
-                output(raw, stdio[fd])
-            else:
+            if fd not in stdio:
                 os.close(raw)
+            elif fd == 2 and crun is not None:
+                crun_stderr(raw, stdio[fd], crun[0])
+            else:
+                output(raw, stdio[fd])
         if proc.stdin is not None:
             raw = os.dup(proc.stdin.fileno())
             proc.stdin.close()
@@ -181,8 +191,12 @@ async def _execute(
     if crun is not None and code == CRUN_FAILED:
         failure = _crun_failure(crun[1])
         if failure is not None:  # crun could not start it: podman's codes and words
+            if readers:  # (crun's own copy of the reason, held back, is dropped)
+                await asyncio.wait(readers, timeout=OUTPUT_DRAIN_SECONDS)
             for task in (*readers, *writers, control):
                 task.cancel()
+            if held is not None:
+                await held.finish(send=False)
             raise failure
     # Output is complete when the pipes close; a daemon the process left behind may
     # hold them open, so give that a bounded time only.
@@ -190,6 +204,8 @@ async def _execute(
         await asyncio.wait(readers, timeout=OUTPUT_DRAIN_SECONDS)
     for task in (*readers, *writers, control):
         task.cancel()
+    if held is not None:
+        await held.finish(send=True)
     if master is not None:
         with contextlib.suppress(OSError):
             os.close(master)
@@ -197,6 +213,59 @@ async def _execute(
 
 
 CRUN_FAILED = 255
+
+
+class _HeldStderr:
+    """The stderr of a `crun exec`. When crun cannot start the command it says why on
+    this stream as well as in its log, and fcvm reports the log's line (one line, as
+    for every failure of ours): so until crun has written its pid file (it does only
+    once the command runs) what arrives is held back, then sent; if crun fails, it is
+    dropped. Held output is looked at again every 10 ms, so a command's early message
+    is not kept waiting for its next one."""
+
+    RECHECK_S = 0.01
+
+    def __init__(self, fd: int, ch: Channel, pidfile: str) -> None:
+        self.fd, self.ch, self.pidfile = fd, ch, pidfile
+        self.held = bytearray()
+        self.started = False
+
+    async def pump(self) -> None:
+        reading: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                if reading is None:
+                    reading = asyncio.ensure_future(fdio.read_fd(self.fd))
+                waiting = self.held and not self.started
+                done, _ = await asyncio.wait({reading}, timeout=self.RECHECK_S if waiting else None)
+                if not self.started and os.path.exists(self.pidfile):
+                    self.started = True
+                    if self.held:
+                        await self.ch.write(bytes(self.held))
+                        self.held.clear()
+                if reading not in done:
+                    continue
+                data, reading = reading.result(), None
+                if not data:
+                    return
+                if self.started:
+                    await self.ch.write(data)
+                else:
+                    self.held += data
+        except (ConnectionError, OSError):
+            pass  # the session or the channel is gone
+        finally:
+            if reading is not None:
+                reading.cancel()
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+    async def finish(self, *, send: bool) -> None:
+        """After pump: what is still held (sent, or dropped), then the stream's EOF."""
+        with contextlib.suppress(Exception):
+            if send and self.held:
+                await self.ch.write(bytes(self.held))
+            await self.ch.write_eof()
 
 
 def _crun_failure(log_path: str) -> ProcError | None:
