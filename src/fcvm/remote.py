@@ -270,7 +270,7 @@ async def run_remote(
 
 @contextlib.contextmanager
 def _follow_window_size(stdio: Stdio, proc: RemoteProcess) -> Iterator[None]:
-    """Forward SIGWINCH as resize requests."""
+    """Forward SIGWINCH as resize requests, and the terminal's size at the start."""
     fd = stdio.terminal_fd()
     if fd is None:
         yield
@@ -286,6 +286,10 @@ def _follow_window_size(stdio: Stdio, proc: RemoteProcess) -> Iterator[None]:
             task.add_done_callback(pending.discard)
 
     loop.add_signal_handler(signal.SIGWINCH, on_winch)
+    # And the size now: a process attached to rather than started (a clone's, a service
+    # restored from a startup snapshot) still has the size of the terminal it was
+    # started at. (An unchanged size changes nothing: the kernel signals changes only.)
+    on_winch()
     try:
         yield
     finally:

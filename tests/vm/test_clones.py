@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from tests.conftest import fcvm
 from tests.vm.runs import records, start, stop, wait_healthy
+from tests.vm.tty import Tmux
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -218,3 +220,39 @@ def test_snapshot_create_on_a_full_disk_is_one_line_and_the_vm_goes_on(snapshot:
     finally:
         subprocess.run(["umount", str(root)], check=True)
     assert fcvm("exec", "--name", SOURCE, "--", "cat", "/tmp/marker").stdout == "before-snapshot\n"
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_a_clone_of_a_terminal_session_takes_the_new_terminal(test_image: str, tmux: Tmux
+                                                              ) -> None:  # fmt: skip
+    """A VM running `sh` at a 100x30 terminal, cloned from another terminal of 90x20:
+    the clone's shell is at the new terminal, with its size (the source keeps its own),
+    the source's files, and its exit code becomes the clone's."""
+    run = [sys.executable, "-m", "fcvm"]
+    tmux.send(shlex.join([*run, "podman", "run", "--name", "t-tty-src", "-it", test_image,
+                          "--", "sh"]), "Enter")  # fmt: skip
+    tmux.wait_for("/ #")
+    tmux.send("clear; echo from-source > /tmp/mark; echo MARKED", "Enter")
+    tmux.wait_for("MARKED\n")
+    clone_term = Tmux(f"fcvm-test-clone-{os.getpid()}")
+    try:
+        fcvm("snapshot", "create", "t-tty-src", "--tag", "t-tty-snap", check=True)
+        clone_term.resize(90, 20)
+        clone = shlex.join([*run, "snapshot", "run", "--snapshot", "t-tty-snap", "--name",
+                            "t-tty-clone"])  # fmt: skip
+        clone_term.send(f"{clone}; echo CLONE-$?", "Enter")
+        clone_term.send("", "Enter")  # (a fresh prompt: the restored one was drawn before)
+        clone_term.wait_for("/ #")
+        clone_term.send("clear; cat /tmp/mark; stty size", "Enter")
+        clone_term.wait_for("from-source\n20 90")
+        tmux.send("clear; stty size", "Enter")
+        tmux.wait_for("30 100")
+        clone_term.send("exit 4", "Enter")
+        clone_term.wait_for("CLONE-4")
+    finally:
+        clone_term.close()
+        tmux.send("exit", "Enter")
+        fcvm("snapshots", "rm", "t-tty-snap")
+    deadline = time.monotonic() + 30
+    while "t-tty-src" in records() and time.monotonic() < deadline:
+        time.sleep(0.2)
