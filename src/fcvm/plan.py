@@ -53,6 +53,14 @@ class RunPlan:
     maps: tuple[VolumeMap, ...] = ()  # --map HOST:GUEST[:ro] (volumes/spec.py)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        # The command and env as the guest will be sent them, checked before any VM
+        # starts (a SpecError is a usage error: one line, exit 125).
+        from fcvm.agent.protocol import MODE_CONTAINER
+        from fcvm.agent.spec import ProcessSpec
+
+        ProcessSpec(mode=MODE_CONTAINER, argv=self.command, env=self.env)
+
     def canonical_json(self) -> str:
         data = asdict(self)
         data.pop("name")  # the name does not change what the VM holds

@@ -70,7 +70,7 @@ def test_podmans_rule_for_the_command_line() -> None:
         ({"mode": "vm"}, "argv must not be empty"),
         ({"mode": "vm", "argv": "ls"}, "argv must be a list"),
         ({"mode": "vm", "argv": ["ls", 3]}, "argv[1] must be a string"),
-        ({"mode": "vm", "argv": ["a\0b"]}, "contains NUL"),
+        ({"mode": "vm", "argv": ["a\0b"]}, "contains a NUL"),
         ({"mode": "vm", "argv": ["ls"], "env": [["A"]]}, "env[0] must be a [KEY, VALUE] pair"),
         ({"mode": "vm", "argv": ["ls"], "env": [["A=B", "c"]]}, "contains '='"),
         ({"mode": "vm", "argv": ["ls"], "rows": 0}, "rows must be a whole number"),
@@ -126,6 +126,26 @@ def test_the_host_cannot_build_a_malformed_spec_either() -> None:
         ProcessSpec(mode="exec")
     with pytest.raises(SpecError, match="rows"):
         ProcessSpec(mode="vm", argv=("ls",), rows=-3)
+
+
+def test_what_fits_one_request_to_the_guest() -> None:
+    """A spec travels in one channel-opening frame: it is refused, as a usage error
+    (one line, exit 125 on the host), before it could fail to fit."""
+    from fcvm.agent.spec import MAX_SPEC_JSON
+    from fcvm.errors import UsageError
+    from fcvm.session.frame import MAX_PAYLOAD
+
+    assert MAX_SPEC_JSON + 4096 <= MAX_PAYLOAD  # room for the frame's other fields
+    big = "x" * (MAX_SPEC_JSON - 200)
+    assert ProcessSpec(mode="exec", argv=("echo", big)).argv[1] == big
+    with pytest.raises(UsageError, match=r"take \d+ bytes: at most"):
+        ProcessSpec(mode="exec", argv=("echo", big, "y" * 400))
+    with pytest.raises(SpecError, match=r"argv\[1\] is 70000 characters long"):
+        ProcessSpec(mode="exec", argv=("echo", "x" * 70000))
+    with pytest.raises(SpecError, match="argv has 5000 items: at most 4096"):
+        ProcessSpec(mode="exec", argv=("x",) * 5000)
+    with pytest.raises(SpecError, match="contains a NUL"):
+        ProcessSpec(mode="exec", argv=("a\0b",))
 
 
 @given(st.recursive(

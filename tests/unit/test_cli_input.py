@@ -40,6 +40,16 @@ def test_malformed_flags(flags: list[str], needle: str, empty_base: dict[str, st
     assert "Traceback" not in proc.stderr
 
 
+def test_a_command_too_large_for_the_guest_is_refused_before_any_vm(
+    empty_base: dict[str, str]
+) -> None:
+    # (no guest assets in this base: the refusal comes before anything else)
+    proc = fcvm("podman", "run", "--name", "big", "busybox", "--", "echo", "x" * 70000,
+                env=empty_base)  # fmt: skip
+    assert proc.returncode == 125
+    assert proc.stderr == "fcvm: argv[1] is 70000 characters long: at most 65536\n"
+
+
 def test_invalid_name(empty_base: dict[str, str]) -> None:
     proc = fcvm("podman", "run", "--name", "-x/y", "busybox", env=empty_base)
     assert proc.returncode == 125  # argparse rejects a leading dash itself: still 125

@@ -15,22 +15,28 @@ a command in that container; "vm" runs one in the guest OS.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fcvm.agent import protocol as p
+from fcvm.errors import UsageError
 
 MODES = (p.MODE_CONTAINER, p.MODE_EXEC, p.MODE_VM)
 MAX_ARGS = 4096
 MAX_STRING = 64 * 1024
 MAX_TERMINAL = 10_000  # rows/cols
+# A spec travels in the metadata of one channel-opening frame (session/frame.py,
+# MAX_PAYLOAD = 64 KiB) beside a few small fields: its JSON must fit.
+MAX_SPEC_JSON = 60 * 1024
 
 T = TypeVar("T")
 
 
-class SpecError(ValueError):
-    """A process spec that cannot be run as given; the message says which field."""
+class SpecError(UsageError, ValueError):
+    """A process spec that cannot be run as given; the message says which field. (On
+    the host, where the spec is made of the user's command line, a usage error.)"""
 
 
 def _string(value: object, name: str, *, empty: bool = True) -> str:
@@ -38,8 +44,10 @@ def _string(value: object, name: str, *, empty: bool = True) -> str:
         raise SpecError(f"{name} must be a string, not {type(value).__name__}")
     if not empty and not value:
         raise SpecError(f"{name} must not be empty")
-    if len(value) > MAX_STRING or "\0" in value:
-        raise SpecError(f"{name} is too long or contains NUL")
+    if len(value) > MAX_STRING:
+        raise SpecError(f"{name} is {len(value)} characters long: at most {MAX_STRING}")
+    if "\0" in value:
+        raise SpecError(f"{name} contains a NUL character")
     return value
 
 
@@ -68,8 +76,10 @@ def _number(value: object, name: str, low: float, high: float) -> float:
 
 
 def _strings(value: object, name: str) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple) or len(value) > MAX_ARGS:
-        raise SpecError(f"{name} must be a list of at most {MAX_ARGS} strings")
+    if not isinstance(value, list | tuple):
+        raise SpecError(f"{name} must be a list of strings")
+    if len(value) > MAX_ARGS:
+        raise SpecError(f"{name} has {len(value)} items: at most {MAX_ARGS}")
     return tuple(_string(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
@@ -232,6 +242,10 @@ class ProcessSpec:
                 raise SpecError("the container's workdir and user are the image's")
         elif self.health_check is not None:
             raise SpecError(f"health_check is for container mode, not {self.mode}")
+        size = len(json.dumps(self.to_json()))
+        if size > MAX_SPEC_JSON:
+            raise SpecError(f"the command and its environment take {size} bytes: at most "
+                            f"{MAX_SPEC_JSON} go to the guest in one request")  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
