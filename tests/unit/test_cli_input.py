@@ -50,6 +50,20 @@ def test_a_command_too_large_for_the_guest_is_refused_before_any_vm(
     assert proc.stderr == "fcvm: argv[1] is 70000 characters long: at most 65536\n"
 
 
+def test_unknown_flags_point_at_their_commands_help_and_rm_is_podmans(
+    empty_base: dict[str, str]
+) -> None:
+    for argv, prog in ((["podman", "run", "--name", "x", "-d", "img"], "fcvm podman run"),
+                       (["exec", "--name", "x", "--bogus", "--", "true"], "fcvm exec"),
+                       (["--bogus"], "fcvm")):  # fmt: skip
+        proc = fcvm(*argv, env=empty_base)
+        assert proc.returncode == 125
+        assert proc.stderr.endswith(f"(see {prog} --help)\n"), proc.stderr
+    # --rm is accepted (VMs are always removed): this run gets as far as the assets.
+    rm = fcvm("podman", "run", "--name", "x", "--rm", "img", env=empty_base)
+    assert rm.stderr == "fcvm: guest assets are not set up (run `fcvm setup`)\n"
+
+
 def test_invalid_name(empty_base: dict[str, str]) -> None:
     proc = fcvm("podman", "run", "--name", "-x/y", "busybox", env=empty_base)
     assert proc.returncode == 125  # argparse rejects a leading dash itself: still 125

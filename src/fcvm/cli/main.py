@@ -54,7 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    _name_leaf_parsers(parser)
     return parser
+
+
+def _name_leaf_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each command's parser leaves its prog in the namespace (fcvm_prog), so that an
+    unknown flag can be pointed at that command's --help rather than fcvm's."""
+    parser.set_defaults(fcvm_prog=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_leaf_parsers(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,10 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging()
     parser = build_parser()
-    from fcvm.errors import FcvmError
+    from fcvm.errors import FcvmError, UsageError
 
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} "
+                             f"(see {getattr(args, 'fcvm_prog', 'fcvm')} --help)")  # fmt: skip
         if args.fcvm_command in ASYNCIO_COMMANDS:
             _import_asyncio_without_ssl()
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

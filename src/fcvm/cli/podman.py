@@ -81,6 +81,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     run.add_argument("--privileged", action="store_true", help="run the container privileged")
     run.add_argument(
+        "--rm",
+        action="store_true",
+        help="accepted as podman's: the VM and its container are always removed when "
+        "they stop",
+    )
+    run.add_argument(
         "-i",
         "--interactive",
         action="store_true",
