@@ -29,6 +29,7 @@ from typing import Any
 from fcvm import log, paths
 from fcvm.errors import StateError
 from fcvm.fsutil import atomic_write
+from fcvm.procstat import stat_fields
 
 _log = log.get("state")
 
@@ -67,13 +68,7 @@ class VmRecord:
 def process_start_time(pid: int) -> int | None:
     """Start time of pid in clock ticks since boot (with the pid, a process identity
     that survives pid reuse), or None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and parens: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
+    fields = stat_fields(pid)
     if not fields or fields[0] in ("Z", "X"):
         return None
     try:

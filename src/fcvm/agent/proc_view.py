@@ -16,6 +16,7 @@ import pty
 import struct
 
 from fcvm.agent.image import ProcError
+from fcvm.procstat import stat_fields
 
 # Where an image's libc usually is: read with its default command, so a snapshot taken
 # now holds them in the guest's page cache.
@@ -124,12 +125,7 @@ def resolve_user(pid: int, user: str) -> str:
 
 def zombie_status(pid: int) -> int | None:
     """A zombie's exit code as a shell reports it (128+N for signal N), else None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
+    fields = stat_fields(pid)
     if not fields or fields[0] != "Z" or len(fields) < 50:
         return None
     status = int(fields[49])  # field 52 overall: waitpid's status word

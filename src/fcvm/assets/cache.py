@@ -54,7 +54,7 @@ def package_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-AGENT_SOURCE_FILES = ("__init__.py", "errors.py")
+AGENT_SOURCE_FILES = ("__init__.py", "errors.py", "procstat.py")
 AGENT_SOURCE_DIRS = ("session", "agent")
 
 
