@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -256,3 +257,28 @@ def test_a_clone_of_a_terminal_session_takes_the_new_terminal(test_image: str, t
     deadline = time.monotonic() + 30
     while "t-tty-src" in records() and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_snapshot_create_makes_room_by_evicting_cache_entries(snapshot: str,
+                                                              test_image: str) -> None:  # fmt: skip
+    """On a nearly full snapshot filesystem, the image cache's least recently used
+    entry makes way for a named snapshot (up to the source's 1 GiB of memory)."""
+    from fcvm import paths
+
+    root = paths.snapshots_dir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400m", "fcvm-test-room", str(root)],
+                   check=True)  # fmt: skip
+    try:
+        fcvm("podman", "run", "--name", "t-room-cache", "--mem", "256", test_image, "--",
+             "true", check=True)  # fmt: skip
+        listed = json.loads(fcvm("snapshots", "--json", check=True).stdout)
+        (entry,) = [s["name"] for s in listed if s["kind"] == "prestart"]
+        with open(root / "filler", "wb") as f:  # 1000 MiB left: less than 1 GiB + disks
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(root).free - (1000 << 20))
+        fcvm("snapshot", "create", SOURCE, "--tag", "t-room-named", check=True)
+        listed = json.loads(fcvm("snapshots", "--json", check=True).stdout)
+        assert [s["name"] for s in listed] == ["t-room-named"], entry
+        fcvm("snapshots", "rm", "t-room-named", check=True)
+    finally:
+        subprocess.run(["umount", str(root)], check=True)

@@ -100,7 +100,7 @@ async def client_request(machine: Machine, op: str, msg: dict[str, Any]) -> dict
 async def save_named(machine: Machine, name: str) -> dict[str, Any]:
     """`fcvm snapshot create`: a named snapshot of the VM (it goes on running)."""
     from fcvm.errors import FcvmError
-    from fcvm.snapshot import store
+    from fcvm.snapshot import cache, store
     from fcvm.snapshot.layout import KIND_NAMED, SnapshotMeta, layout, validate_name
     from fcvm.vmm import registry
 
@@ -113,6 +113,10 @@ async def save_named(machine: Machine, name: str) -> dict[str, Any]:
                 hint="remove it with fcvm snapshots rm, or pick another name",
             )
         t0 = time.monotonic()
+        # The image cache's least recently used entries make way if that is enough;
+        # else the write is tried all the same (it was asked for by name).
+        needed = cache.bytes_needed(machine.spec.mem_mib, machine.disks.values())
+        await asyncio.to_thread(cache.make_room, needed)
         with store.writer(name) as writer:
             files = SnapshotFiles(writer.layout.memory, writer.layout.vmstate)
             disks = await snapshot(machine, files)
