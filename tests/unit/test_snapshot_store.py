@@ -237,6 +237,7 @@ def test_make_room_evicts_least_recently_used_cache_entries_only_if_that_suffice
     def free_bytes(root: Path) -> int:
         return capacity - store.size_on_disk(root)
 
+    assert cache.make_room(1)[0]  # a first snapshot: no snapshot directory yet
     monkeypatch.setattr(cache, "_free_bytes", free_bytes)
     cache_entries_and_a_named_one()
     held = store.lease("cache-0")  # in use: never evicted

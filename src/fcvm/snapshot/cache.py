@@ -275,6 +275,7 @@ def make_room(needed: int) -> tuple[bool, int]:
     in use, never a named snapshot) if that makes enough; nothing is removed when even
     all of them would not. Also the bytes free then."""
     root = paths.snapshots_dir()
+    root.mkdir(parents=True, exist_ok=True)  # (a first snapshot: nothing there yet)
     free = _free_bytes(root)
     if free >= needed:
         return True, free
