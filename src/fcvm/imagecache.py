@@ -154,7 +154,7 @@ async def _write(machine: Machine, keys: Keys, kind: str, workload: dict[str, An
         # Room first (least recently used entries make way), so that a nearly full disk
         # costs a line, not a paused VM and a write that fails; and the cache's bound
         # read, so that a malformed one is said before anything is written.
-        cache.limit_bytes()
+        limit = cache.limit_bytes()
         needed = cache.bytes_needed(spec.mem_mib, machine.disks.values())
         room, free = await asyncio.to_thread(cache.make_room, needed)
         if not room:
@@ -174,7 +174,7 @@ async def _write(machine: Machine, keys: Keys, kind: str, workload: dict[str, An
         )  # fmt: skip
         await asyncio.to_thread(writer.commit, meta)
     logger.info("wrote %s snapshot %s", kind, snap.name)
-    await asyncio.to_thread(cache.enforce_limit)
+    await asyncio.to_thread(cache.enforce_limit, limit)
     return True
 
 

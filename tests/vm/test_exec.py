@@ -180,17 +180,7 @@ def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> Non
     tmux.wait_for("/ #")  # capture-pane drops trailing spaces
     tmux.send("stty size", "Enter")
     tmux.wait_for("30 100")
-    tmux.resize(120, 40)
-    time.sleep(0.5)
-    tmux.send("clear; stty size", "Enter")
-    tmux.wait_for("40 120")
-    # Ctrl-C reaches the program in the guest, not fcvm.
-    tmux.send("clear; sleep 100", "Enter")
-    time.sleep(1.5)
-    tmux.send("C-c")
-    tmux.wait_for("^C")
-    tmux.send("echo rc=$?", "Enter")
-    tmux.wait_for("rc=130")
+    tmux.check_resize_and_ctrl_c()
     # Ctrl-Z stops the foreground job of the guest's shell (job control works).
     tmux.send("clear; sleep 200", "Enter")
     time.sleep(1.5)

@@ -40,5 +40,19 @@ class Tmux:
         subprocess.run(["tmux", "resize-window", "-t", self.name, "-x", str(cols), "-y",
                         str(rows)], check=True)  # fmt: skip
 
+    def check_resize_and_ctrl_c(self) -> None:
+        """At a guest shell's prompt (a 100x30 terminal): a resize to 120x40 reaches the
+        guest, and Ctrl-C interrupts the guest's foreground program, not fcvm."""
+        self.resize(120, 40)
+        time.sleep(0.5)
+        self.send("clear; stty size", "Enter")
+        self.wait_for("40 120")
+        self.send("clear; sleep 100", "Enter")
+        time.sleep(1.5)
+        self.send("C-c")
+        self.wait_for("^C")
+        self.send("echo rc=$?", "Enter")
+        self.wait_for("rc=130")
+
     def close(self) -> None:
         subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)

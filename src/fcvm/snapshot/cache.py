@@ -307,9 +307,10 @@ def _orphaned(meta: SnapshotMeta | None) -> bool:
     return not all((paths.assets_dir() / str(name)).exists() for name in assets)
 
 
-def enforce_limit() -> list[str]:
-    """After writing an entry: keep the cache within its bound (LRU first)."""
-    removed = prune(max_bytes=limit_bytes())
+def enforce_limit(max_bytes: int | None = None) -> list[str]:
+    """After writing an entry: keep the cache within its bound (max_bytes, else
+    limit_bytes()), least recently used first."""
+    removed = prune(max_bytes=limit_bytes() if max_bytes is None else max_bytes)
     if removed:
         logger.info("snapshot cache over its bound: removed %s", ", ".join(removed))
     return removed
