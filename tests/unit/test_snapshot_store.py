@@ -265,6 +265,22 @@ def test_rm_names_what_it_removed_and_refuses_an_unknown_one(base: Path) -> None
     assert missing.returncode == 125 and len(missing.stderr.strip().splitlines()) == 1
 
 
+def test_rm_removes_every_name_it_can(base: Path) -> None:
+    """As podman rm: a name that is missing or in use is reported, the others go."""
+    for name in ("busy", "old", "older"):
+        write(name)
+    held = store.lease("busy")
+    assert held is not None
+    rm = fcvm("snapshots", "rm", "nope", "old", "busy", "older", env={"FCVM_BASE_DIR": str(base)})
+    assert rm.returncode == 125
+    assert rm.stdout == "removed old\nremoved older\n"
+    lines = rm.stderr.strip().splitlines()
+    assert len(lines) == 2 and "'nope'" in lines[0]
+    assert "'busy'" in lines[1] and "in use" in lines[1]
+    assert [snap.name for snap, _ in list_snapshots()] == ["busy"]
+    held.release()
+
+
 def test_gc_removes_what_a_killed_writer_left(base: Path) -> None:
     code = ("from fcvm.snapshot import store; import time; w = store.Writer('half'); w.open(); "
             "print('writing', flush=True); time.sleep(60)")  # fmt: skip

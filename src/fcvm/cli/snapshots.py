@@ -84,13 +84,23 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    import sys
+
+    from fcvm.errors import FcvmError
     from fcvm.snapshot import store
     from fcvm.snapshot.layout import validate_name
 
-    for name in args.names:
-        store.remove(validate_name(name))
+    names = [validate_name(name) for name in args.names]
+    failed = 0
+    for name in names:  # each one it can (as podman rm): one missing or in use stops none
+        try:
+            store.remove(name)
+        except FcvmError as exc:
+            print(f"fcvm: {exc.line()}", file=sys.stderr)
+            failed = exc.exit_code
+            continue
         print(f"removed {name}")  # (as prune says it; podman rm names what it removed)
-    return 0
+    return failed
 
 
 def parse_duration(value: str) -> float:
