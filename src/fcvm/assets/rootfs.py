@@ -187,33 +187,88 @@ def build_base(progress: Progress) -> cache.BaseRecord:
             *MIRRORS,
         ]
         log_path = paths.download_cache_dir() / "mmdebstrap.log"
+        text = _run_mmdebstrap(cmd, log_path, progress)
+        if text is not None:
+            raise FcvmError(
+                f"mmdebstrap failed: {last_line(text)}",
+                hint=f"full log in {log_path}; check network access to deb.debian.org",
+            )
+    return cache.BaseRecord(key=key, file=final.name)
+
+
+def _run_mmdebstrap(cmd: list[str], log_path: Path, progress: Progress) -> str | None:
+    """Run mmdebstrap, its output into log_path (its "I:" lines as progress); None if it
+    succeeded, else the end of its output.
+
+    Interrupted (Ctrl-C, or SIGTERM/SIGHUP: cli/setup.py makes them exceptions), it is
+    stopped as a terminal's Ctrl-C would and waited for: it then unmounts what it
+    mounted in its chroot and removes its temporary directory. Its output goes to a file,
+    not a pipe to fcvm, and it runs in a process group of its own: a pipe nobody reads
+    any more killed it (SIGPIPE) half way through that cleanup, leaving proc, sys and
+    devpts mounted under /tmp/mmdebstrap.*. If fcvm is killed outright it gets SIGTERM
+    (PR_SET_PDEATHSIG) and cleans up on its own."""
+    with log_path.open("w") as log:
         try:
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=log,
                 stderr=subprocess.STDOUT,
-                text=True,
+                preexec_fn=_stop_with_parent,
             )
         except FileNotFoundError as exc:
             raise FcvmError(
                 "mmdebstrap is not installed", hint="apt-get install mmdebstrap"
             ) from exc
-        lines: list[str] = []
-        assert proc.stdout is not None
-        with log_path.open("w") as log:
-            for line in proc.stdout:
-                log.write(line)
-                lines.append(line)
-                if line.startswith("I: "):
-                    progress("base", line[3:].strip())
-        rc = proc.wait()
-        if rc != 0:
-            raise FcvmError(
-                f"mmdebstrap failed: {last_line(''.join(lines[-50:]))}",
-                hint=f"full log in {log_path}; check network access to deb.debian.org",
-            )
-    return cache.BaseRecord(key=key, file=final.name)
+    with log_path.open() as output:
+        partial = ""  # (a line mmdebstrap is still writing)
+        try:
+            while True:
+                done = _wait(proc, 0.25)
+                *lines, partial = (partial + output.read()).split("\n")
+                for line in lines:
+                    if line.startswith("I: "):
+                        progress("base", line[3:].strip())
+                if done:
+                    break
+        except BaseException:
+            progress("base", "interrupted: waiting for mmdebstrap to clean up")
+            _interrupt(proc)
+            raise
+    if proc.returncode == 0:
+        return None
+    return "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-50:])
+
+
+def _stop_with_parent() -> None:
+    import ctypes
+    import signal
+
+    os.setpgid(0, 0)  # (a terminal's Ctrl-C goes to fcvm, which passes it on)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _wait(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _interrupt(proc: subprocess.Popen[bytes], grace: float = 120.0) -> None:
+    """SIGINT to mmdebstrap's process group (apt and dpkg in its chroot too), as a
+    terminal's Ctrl-C; then wait for its cleanup (SIGKILL after grace seconds)."""
+    import contextlib
+    import signal
+
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.wait(wait)
 
 
 def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from fcvm.assets import GuestAssets, setup
 
     start = time.monotonic()
+    _exit_cleanly_on_termination()
     assets: GuestAssets
     if sys.stderr.isatty():
         from rich.console import Console
@@ -71,6 +72,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"initrd  {assets.initrd}")
     print(f"rootfs  {assets.rootfs}")
     return 0
+
+
+def _exit_cleanly_on_termination() -> None:
+    """SIGTERM and SIGHUP end setup as Ctrl-C does - through its cleanup (an interrupted
+    mmdebstrap unmounts its chroot, partial files go) - rather than at once; exit 128+N."""
+    import signal
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
 
 
 def compile_own_modules() -> None:
