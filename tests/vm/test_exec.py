@@ -154,6 +154,16 @@ def test_stdin_eof_reaches_the_command(service: str) -> None:
     assert (proc.returncode, proc.stdout.strip()) == (0, b"5")
 
 
+def test_stdin_from_dev_null_is_an_eof(service: str) -> None:
+    """epoll refuses /dev/null (EPERM): it used to leave the command waiting forever."""
+    with open(os.devnull, "rb") as null:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fcvm", "exec", "-i", "--name", service, "--", "wc", "-c"],
+            stdin=null, capture_output=True, timeout=60,
+        )  # fmt: skip
+    assert (proc.returncode, proc.stdout.strip()) == (0, b"0"), proc.stderr
+
+
 def test_tty_alone_gives_a_terminal(service: str) -> None:
     proc = fcvm("exec", "--name", service, "-t", "--", "sh", "-c", "test -t 1 && echo tty")
     assert proc.returncode == 0

@@ -7,7 +7,7 @@ pipe and under flow control. Stdlib only (the agent imports it in the guest).
 Reads wait for readability in the event loop and then read, so they work on
 blocking descriptors too (fcvm must not set O_NONBLOCK on a terminal it shares
 with the user's shell). Regular files are never "not ready", so they are read in
-a thread instead.
+a thread instead, and so is what epoll refuses (EPERM: /dev/null, say, as stdin).
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ async def read_fd(fd: int, n: int = CHUNK) -> bytes:
     """Up to n bytes from fd when it has some; b"" at EOF (and for a PTY whose
     other side is closed, which reports EIO)."""
     if stat.S_ISREG(os.fstat(fd).st_mode):
-        return await asyncio.get_running_loop().run_in_executor(None, os.read, fd, n)
+        return await _read_in_thread(fd, n)
     while True:
-        await _ready(fd, write=False)
+        try:
+            await _ready(fd, write=False)
+        except PermissionError:  # epoll refuses it (/dev/null and other devices)
+            return await _read_in_thread(fd, n)
         try:
             return os.read(fd, n)
         except BlockingIOError:
@@ -50,6 +53,10 @@ async def read_fd(fd: int, n: int = CHUNK) -> bytes:
             if exc.errno == errno.EIO:
                 return b""
             raise
+
+
+async def _read_in_thread(fd: int, n: int) -> bytes:
+    return await asyncio.get_running_loop().run_in_executor(None, os.read, fd, n)
 
 
 async def write_fd(fd: int, data: bytes) -> None:
@@ -63,9 +70,10 @@ async def write_fd(fd: int, data: bytes) -> None:
 
 
 async def pump_fd_to_channel(fd: int, channel: Channel, *, close_fd: bool = False) -> None:
-    """fd -> channel until EOF, then EOF on the channel."""
+    """fd -> channel until EOF, then EOF on the channel. A descriptor that cannot be
+    read ends as at EOF: the other side must never be left waiting for it."""
     try:
-        while data := await read_fd(fd):
+        while data := await _read_or_eof(fd):
             await channel.write(data)
         await channel.write_eof()
     except (ConnectionError, OSError):
@@ -74,6 +82,13 @@ async def pump_fd_to_channel(fd: int, channel: Channel, *, close_fd: bool = Fals
         if close_fd:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+async def _read_or_eof(fd: int) -> bytes:
+    try:
+        return await read_fd(fd)
+    except OSError:
+        return b""
 
 
 async def pump_channel_to_fd(channel: Channel, fd: int, *, close_fd: bool = False) -> None:
