@@ -132,6 +132,12 @@ def _argv(command: Command) -> tuple[str, ...]:
     return argv
 
 
+def _timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise UsageError(f"timeout={timeout!r}: a number of seconds above 0 (or None)")
+    return timeout
+
+
 def _strings(option: str, value: object) -> list[str]:
     """A list of strings option (a lone string would be taken letter by letter)."""
     items = [] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else None
@@ -143,11 +149,13 @@ def _strings(option: str, value: object) -> list[str]:
 def _env(env: Mapping[str, str] | Sequence[str] | None) -> tuple[tuple[str, str], ...]:
     if env is None:
         return ()
+    if isinstance(env, str):  # (it would be taken letter by letter)
+        raise UsageError("env is a mapping or a list of 'KEY=VALUE' strings")
     items = [f"{k}={v}" for k, v in env.items()] if isinstance(env, Mapping) else list(env)
     out = []
     for item in items:  # the CLI's rules, one item at a time (values may hold commas)
         key, eq, value = item.partition("=")
-        if not eq or not planning.ENV_KEY_RE.match(key):
+        if not eq or not planning.ENV_KEY_RE.fullmatch(key):
             raise UsageError(f"malformed env entry {item!r}: expected KEY=VALUE")
         out.append((key, value))
     return tuple(out)
@@ -175,7 +183,9 @@ def _plan(image: str, command: Command, options: VmOptions, *, interactive: bool
         snapshot=bool(options.get("snapshot", True)),
         vmm=options.get("vmm") or os.environ.get("FCVM_VMM", "auto"),
         network=network,
-        publish=tuple(f.spec() for f in parse_publish(list(options.get("publish", ())))),
+        publish=tuple(
+            f.spec() for f in parse_publish(_strings("publish", options.get("publish", ())))
+        ),
         privileged=bool(options.get("privileged", False)),
         interactive=interactive,
         health_check=planning.parse_health_check(options.get("health_check")),
@@ -251,8 +261,17 @@ class _Core:
         return Completed(argv, code, bytes(stdio.stdout), bytes(stdio.stderr))
 
     async def wait(self) -> int:
-        assert self.task is not None
-        return await asyncio.shield(self.task)
+        task = self.task
+        assert task is not None
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            waiter = asyncio.current_task()
+            if task.cancelled() and not (waiter and waiter.cancelling()):  # stop() did it
+                raise StateError(
+                    f"VM {self.plan.name!r} was stopped before its container exited"
+                ) from None
+            raise
 
     async def stop(self) -> int | None:
         """Stop the VM (idempotent); the container's exit code if it had ended."""
@@ -317,6 +336,7 @@ class AsyncVM:
     ) -> Completed:  # fmt: skip
         """Run command in the container (with vm=True: in the guest OS) and wait for it."""
         argv = _argv(command)
+        _timeout(timeout)
         if not argv:
             raise UsageError("exec needs a command")
         data = input.encode() if isinstance(input, str) else input
@@ -326,7 +346,8 @@ class AsyncVM:
         return result.check() if check else result
 
     async def wait(self) -> int:
-        """Until the container exits; its exit code."""
+        """Until the container exits; its exit code. StateError if the VM was stopped
+        first (stop(), leaving `with`)."""
         return await runtime().acall(self._core.wait())
 
     async def stop(self) -> None:
@@ -377,6 +398,8 @@ class VM:
                                              vm=vm))  # fmt: skip
 
     def wait(self, timeout: float | None = None) -> int:
+        """Until the container exits (or timeout seconds: TimeoutError); its exit code.
+        StateError if the VM was stopped first."""
         return runtime().call(self._avm.wait(), timeout)
 
     def stop(self) -> None:
@@ -408,6 +431,7 @@ async def run_async(
 
     data = input.encode() if isinstance(input, str) else input
     plan = _plan(image, command, options, interactive=data is not None)
+    _timeout(timeout)
     stdio = BufferStdio(input=data)
 
     async def go() -> int:

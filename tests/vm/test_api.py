@@ -102,6 +102,12 @@ def test_async_api_has_the_same_names(test_image: str) -> None:
     async def main() -> tuple[int, bytes, bytes]:
         async with await fcvm.aio.start(test_image, ["sleep", "600"], name="t-aio") as avm:
             r1, r2 = await asyncio.gather(avm.exec("echo one"), avm.exec("echo two"))
+            waiting = asyncio.create_task(avm.wait())
+            await asyncio.sleep(0.1)
+        with pytest.raises(fcvm.StateError, match="stopped before"):  # waiting meanwhile
+            await waiting
+        with pytest.raises(fcvm.StateError, match="stopped before"):  # and afterwards
+            await avm.wait()
         done = await fcvm.aio.run(test_image, "cat", input="piped")
         return done.exit_code, r1.stdout + r2.stdout, done.stdout
 
@@ -122,10 +128,25 @@ def test_one_shot_run_and_its_errors(test_image: str) -> None:
         fcvm.run(test_image, "true", cpu=2)  # type: ignore[call-arg]
     with pytest.raises(fcvm.ImageError, match="not found"):
         fcvm.run("no-such-image-here", "true")
-    with fcvm.start(test_image, "sleep 600", name="t-api-dup"), pytest.raises(
+    # A lone string where a list belongs was read letter by letter ('invalid --publish
+    # '8''); a timeout of 0 or below timed out at once.
+    with pytest.raises(fcvm.UsageError, match="publish is a list of strings"):
+        fcvm.run(test_image, "true", publish="8080:80")  # type: ignore[arg-type]
+    with pytest.raises(fcvm.UsageError, match="env is a mapping or a list"):
+        fcvm.run(test_image, "true", env="A=1")
+    for bad in (0, -1):
+        with pytest.raises(fcvm.UsageError, match="timeout"):
+            fcvm.run(test_image, "true", timeout=bad)
+    with fcvm.start(test_image, "sleep 600", name="t-api-dup") as dup, pytest.raises(
         fcvm.StateError, match="already running"
     ):
         fcvm.run(test_image, "true", name="t-api-dup")
+    with pytest.raises(fcvm.UsageError, match="timeout"):
+        dup.exec("true", timeout=0)
+    # Stopped (leaving `with`) before its container exited: wait() says so (it raised
+    # a bare CancelledError).
+    with pytest.raises(fcvm.StateError, match="stopped before its container exited"):
+        dup.wait()
 
 
 @pytest.mark.usefixtures("no_leftovers")
