@@ -17,8 +17,9 @@ from typing import Any
 from fcvm.errors import UsageError
 from fcvm.volumes.spec import VolumeMap
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# (matched with fullmatch: "$" would also match before a final newline)
+NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_CPUS = 64
 MIN_MEM_MIB, MAX_MEM_MIB = 128, 1024 * 1024
 
@@ -72,7 +73,7 @@ class RunPlan:
 
 
 def parse_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UsageError(
             f"invalid name {name!r}: use letters, digits, '_', '.', '-' "
             "(at most 63, starting with a letter or digit)"
@@ -80,15 +81,31 @@ def parse_name(name: str) -> str:
     return name
 
 
+def split_env(value: str) -> list[str]:
+    """One --env value's entries: a comma-separated piece that does not begin with
+    KEY= belongs to the value of the entry before it, if that one has a value."""
+    items: list[str] = []
+    for piece in value.split(","):
+        key = piece.partition("=")[0]
+        starts_entry = "=" in piece and ENV_KEY_RE.fullmatch(key) is not None
+        if items and "=" in items[-1] and not starts_entry:
+            items[-1] += "," + piece
+        elif not piece:
+            raise UsageError(f"malformed --env {value!r}: empty entry")
+        else:
+            items.append(piece)
+    return items
+
+
 def parse_env(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """--env K=V[,K=V...], repeatable. A bare K takes the value from fcvm's environment."""
+    """--env K=V[,K=V...], repeatable. A bare K takes the value from fcvm's environment.
+    A comma starts a new variable only where KEY= (or, after a bare KEY, another KEY)
+    follows; any other comma is the value's: NO_PROXY=localhost,127.0.0.1 is one."""
     out: list[tuple[str, str]] = []
     for value in values:
-        for item in value.split(","):
-            if not item:
-                raise UsageError(f"malformed --env {value!r}: empty entry")
+        for item in split_env(value):
             key, eq, val = item.partition("=")
-            if not ENV_KEY_RE.match(key):
+            if not ENV_KEY_RE.fullmatch(key):
                 raise UsageError(f"malformed --env {item!r}: expected KEY=VALUE")
             if not eq:
                 if key not in os.environ:

@@ -21,7 +21,8 @@ def empty_base(tmp_path: Path) -> dict[str, str]:
     ("flags", "needle"),
     [
         (["--env", "NOEQUALS-"], "malformed --env"),
-        (["--env", "A=1,,B=2"], "malformed --env"),
+        (["--env", ",A=1"], "malformed --env"),
+        (["--env", "FOO\n=bar"], "malformed --env"),
         (["--env", "1A=x"], "malformed --env"),
         (["--cpu", "two"], "malformed --cpu"),
         (["--cpu", "0"], "--cpu 0"),
@@ -70,6 +71,40 @@ def test_invalid_name(empty_base: dict[str, str]) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = fcvm("podman", "run", "--name", "x/y", "busybox", env=empty_base)
     assert proc.returncode == 125 and "invalid name" in proc.stderr
+    # ("$" matches before a final newline: such a name slipped past the uniqueness check)
+    proc = fcvm("podman", "run", "--name", "x\n", "busybox", env=empty_base)
+    assert proc.returncode == 125 and "invalid name" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "entries"),
+    [
+        ("A=1", ["A=1"]),
+        ("A=1,B=2", ["A=1", "B=2"]),
+        ("A=1,2", ["A=1,2"]),  # (was: malformed --env '2')
+        ("NO_PROXY=localhost,127.0.0.1,.corp", ["NO_PROXY=localhost,127.0.0.1,.corp"]),
+        ("OPTS=-Xmx1g,-Dx=y,B=2", ["OPTS=-Xmx1g,-Dx=y", "B=2"]),
+        ("A=,B=1", ["A=", "B=1"]),
+        ("FOO,BAR", ["FOO", "BAR"]),
+        ("FOO,A=1", ["FOO", "A=1"]),
+        ("A=1,", ["A=1,"]),
+    ],
+)
+def test_env_commas_belong_to_values_unless_a_new_key_follows(
+    value: str, entries: list[str]
+) -> None:
+    from fcvm.plan import split_env
+
+    assert split_env(value) == entries
+
+
+@pytest.mark.parametrize("value", [",A=1", "FOO,,BAR", ""])
+def test_env_empty_entries_are_refused(value: str) -> None:
+    from fcvm.errors import UsageError
+    from fcvm.plan import split_env
+
+    with pytest.raises(UsageError, match="empty entry"):
+        split_env(value)
 
 
 @pytest.mark.parametrize(

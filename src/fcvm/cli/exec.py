@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     ex.add_argument("--vm", action="store_true", help="run in the guest OS, not the container")
     ex.add_argument("-i", "--interactive", action="store_true", help="stream stdin to the command")
     ex.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
-    ex.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
-                    help="environment variable (repeatable)")  # fmt: skip
+    ex.add_argument("-e", "--env", action="append", default=[], metavar="K=V[,K=V...]",
+                    help="environment variable (repeatable; commas as for podman run "
+                    "--env)")  # fmt: skip
     ex.add_argument("-w", "--workdir", metavar="DIR", help="working directory")
     ex.add_argument("-u", "--user", metavar="USER", help="user (container only)")
     ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")

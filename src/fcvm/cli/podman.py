@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="append",
         default=[],
         metavar="K=V[,K=V...]",
-        help="environment for the container (repeatable)",
+        help="environment for the container (repeatable; a comma starts another "
+        "variable only where KEY= follows, so NO_PROXY=a,b is one; a bare K takes "
+        "fcvm's value)",
     )
     run.add_argument("--cpu", default="1", metavar="N", help="vCPUs (default 1)")
     run.add_argument("--mem", default="1024", metavar="MiB", help="memory in MiB (default 1024)")

@@ -46,7 +46,7 @@ _log = log.get("fcvm.net")
 
 MODES = ("rootless", "bridged")
 RECORD_VERSION = 1
-_VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy")
 
 
@@ -297,7 +297,7 @@ def setup_network(vm_id: str, mode: str, publish: list[PortForward], *, workdir:
     """Build the VM's network. On failure: FcvmError (one line), nothing left behind."""
     if mode not in MODES:
         raise FcvmError(f"unknown network mode {mode!r} (use rootless or bridged)")
-    if not _VM_ID.match(vm_id):
+    if not _VM_ID.fullmatch(vm_id):
         raise FcvmError(f"invalid VM id {vm_id!r} for networking")
     root = os.geteuid() == 0
     for f in publish:
