@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,7 +61,7 @@ async def _serve_client(
     vm_session: Callable[[], Session],
     on_request: Handler | None,
 ) -> None:
-    client = Session(reader, writer, role="agent")
+    client = Session(reader, writer, role="agent", loss_level=logging.DEBUG)
     if on_request is not None:
         client.requests.serve(on_request)  # (e.g. `fcvm snapshot create`: the owner's job)
     joins: set[asyncio.Task[None]] = set()

@@ -8,6 +8,9 @@ the agent keeps serving; the exec relay refuses one from a client before the VM 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import socket
 from typing import Any
 
 import pytest
@@ -27,7 +30,7 @@ from fcvm.agent.spec import (
 )
 from fcvm.relay import start_relay
 from fcvm.remote import BufferStdio, run_remote
-from fcvm.session import Session
+from fcvm.session import Frame, FrameType, Session, encode
 from tests.unit.aio import arun, session_pair
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -213,3 +216,34 @@ def test_the_relay_refuses_a_malformed_spec_before_the_vm_sees_it(tmp_path: Any)
         await agent.close()
 
     arun(main())
+
+
+def test_an_exec_client_that_vanishes_is_not_a_warning(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that exits with the relay's frames unread resets the connection: the
+    owner of the VM (`fcvm podman run`, printing to the user's terminal) printed that as
+    a warning among the container's output."""
+
+    async def main() -> None:
+        host, agent = await session_pair()
+        serve = _serve_agent(agent)
+        sock = tmp_path / "exec.sock"
+        relay = await start_relay(sock, host)
+        raw = socket.socket(socket.AF_UNIX)
+        raw.connect(str(sock))
+        hello = {"version": 1, "role": "host", "session": "00ff00ff00ff00ff"}
+        raw.sendall(encode(Frame(FrameType.HELLO, 0, json.dumps(hello).encode())))
+        await asyncio.sleep(0.3)  # the relay answers; the client never reads it
+        raw.close()  # (unread data: the relay's next read is ECONNRESET)
+        await asyncio.sleep(0.3)
+        relay.close()
+        await host.close()
+        await asyncio.wait_for(serve, 5)
+        await agent.close()
+
+    caplog.set_level(logging.DEBUG, logger="fcvm")
+    arun(main())
+    lost = [r for r in caplog.records if "connection lost" in r.getMessage()]
+    assert lost and "ConnectionResetError" in lost[0].getMessage()
+    assert all(r.levelno == logging.DEBUG for r in lost), [r.levelname for r in lost]

@@ -84,6 +84,7 @@ class Session:
         peer_hello: dict[str, Any] | None = None,
         hello_extra: dict[str, Any] | None = None,
         on_hello: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+        loss_level: int = logging.WARNING,
     ) -> None:
         if role not in ("host", "agent"):
             raise ValueError(f"role must be 'host' or 'agent', not {role!r}")
@@ -104,6 +105,9 @@ class Session:
         # and every frame after the HELLO is handled only after it: one round trip).
         self._hello_extra = dict(hello_extra or {})
         self._hello_hook = on_hello
+        # How a lost connection is logged: a VM's agent vanishing is news; an `fcvm exec`
+        # client that exits with frames still unread (a reset) is not.
+        self._loss_level = loss_level
         self.session_id = os.urandom(8).hex() if role == "host" else ""
         # Set when a new host's HELLO ended this (quiesced) session: start the next
         # Session on the same transport with it.
@@ -355,7 +359,7 @@ class Session:
         except ProtocolError as e:
             reason, level = f"protocol error: {e}", logging.WARNING
         except (ConnectionError, OSError) as e:
-            reason, level = f"connection lost: {e!r}", logging.WARNING
+            reason, level = f"connection lost: {e!r}", self._loss_level
         except asyncio.CancelledError:
             reason = "closed locally"
         except Exception as e:  # a bug of ours: end this session, never the process
