@@ -49,6 +49,11 @@ def test_relative_host_path_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ("{d}://", "guest's root"),
         ("{d}:/a/../b", "must not contain '..'"),
         ("{d}/loop:/x", "does not exist"),
+        ("{d}:/proc", "cannot map over /proc"),
+        ("{d}:/proc/sys", "cannot map over /proc"),
+        ("{d}://sys/", "cannot map over /sys"),
+        ("{d}:/dev", "cannot map over /dev"),
+        ("{d}:/dev/shm:ro", "cannot map over /dev"),
     ],
 )
 def test_bad_items(tmp_path: Path, spec: str, needle: str) -> None:

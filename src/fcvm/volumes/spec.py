@@ -14,6 +14,10 @@ from pathlib import Path
 
 from fcvm.errors import UsageError
 
+# Where the container's kernel filesystems are (and what they are): a map over them, or
+# inside them, hides what ps, mount, the shell's /dev/null and the like rely on.
+KERNEL_DIRS = {"/proc": "procfs", "/sys": "sysfs", "/dev": "devices"}
+
 
 @dataclass(frozen=True)
 class VolumeMap:
@@ -58,6 +62,12 @@ def parse_map(item: str) -> VolumeMap:
     if any(part == ".." for part in guest_s.split("/")):
         # "/a/../b" would normalise to "/b": refuse rather than guess what was meant.
         raise UsageError(f"--map {item!r}: guest path {guest_s!r} must not contain '..'")
+    for kernel_fs in KERNEL_DIRS:
+        if guest == kernel_fs or guest.startswith(kernel_fs + "/"):
+            raise UsageError(
+                f"--map {item!r}: cannot map over {kernel_fs} (the container's "
+                f"{KERNEL_DIRS[kernel_fs]}: its programs would break)"
+            )
     return VolumeMap(host=real, guest=guest, read_only=read_only)
 
 
