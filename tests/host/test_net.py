@@ -430,6 +430,12 @@ def test_error_port_published_by_another_vm(tmp_path: Path, base: Path) -> None:
         with pytest.raises(FcvmError, match="already published by VM pa"):
             setup_network("pb", "bridged", parse_publish([f"{port}:81"]), workdir=tmp_path / "b")
         assert set(leases(base)) == {"pa"}
+        # The holder is named as its user knows it when it has a VM record.
+        from fcvm import state
+
+        state.write_record(state.VmRecord(vm_id="pa", name="web", pid=os.getpid()))
+        with pytest.raises(FcvmError, match="already published by VM 'web'"):
+            setup_network("pb", "bridged", parse_publish([f"{port}:81"]), workdir=tmp_path / "b")
     finally:
         a.teardown()
 

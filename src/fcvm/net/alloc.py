@@ -18,7 +18,7 @@ import fcntl
 import ipaddress
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -81,9 +81,14 @@ def _ip_overlap(a: str, b: str) -> bool:
 
 
 def port_conflict(
-    new: Iterable[PortForward], leases: dict[str, Record], *, me: str = ""
+    new: Iterable[PortForward],
+    leases: dict[str, Record],
+    *,
+    me: str = "",
+    label: Callable[[str], str] = lambda vm_id: f"VM {vm_id}",
 ) -> str | None:
-    """A message if one of `new` collides with a forward another lease holds."""
+    """A message if one of `new` collides with a forward another lease holds (the
+    holder named by label(vm_id))."""
     for vm_id, rec in leases.items():
         if vm_id == me:
             continue
@@ -97,7 +102,7 @@ def port_conflict(
                 ):
                     return (
                         f"host port {fwd.host_ip}:{fwd.host_port}/{fwd.proto} is already "
-                        f"published by VM {vm_id}"
+                        f"published by {label(vm_id)}"
                     )
     return None
 

@@ -293,6 +293,14 @@ def _check_bindable(fwd: PortForward) -> None:
 # ---------------------------------------------------------------- setup
 
 
+def _vm_label(vm_id: str) -> str:
+    """A VM as its user knows it: by name (its record's), else by id."""
+    from fcvm import state
+
+    record = state.read_record(vm_id)
+    return f"VM {record.name!r}" if record is not None and record.name else f"VM {vm_id}"
+
+
 def setup_network(vm_id: str, mode: str, publish: list[PortForward], *, workdir: Path) -> NetHandle:
     """Build the VM's network. On failure: FcvmError (one line), nothing left behind."""
     if mode not in MODES:
@@ -334,7 +342,7 @@ def setup_network(vm_id: str, mode: str, publish: list[PortForward], *, workdir:
         host_ip, forwards = layout.allocate(rec, leases, publish)
         rec["host_ip"] = host_ip
         rec["forwards"] = [f.to_json() for f in forwards]
-        conflict = port_conflict(forwards, leases.leases, me=vm_id)
+        conflict = port_conflict(forwards, leases.leases, me=vm_id, label=_vm_label)
         if conflict:
             raise FcvmError(f"cannot publish: {conflict}")
         for f in forwards:
