@@ -13,8 +13,10 @@
 `fcvm.aio` has the same functions for asyncio (`await fcvm.aio.run(...)`, `async with
 await fcvm.aio.start(...) as vm`). Errors are the CLI's: `fcvm.FcvmError` and its
 family, with the same one-line messages; a command that exits non-zero with
-`check=True` raises `ProcessFailed` carrying the result; `timeout` (seconds) kills
-the command and raises `ExecTimeout` carrying what it printed until then.
+`check=True` raises `ProcessFailed` carrying the result (so does a command that
+cannot be started: exit code 127 not found, 126 not runnable, the reason on stderr, as
+the CLI has it); `timeout` (seconds) kills the command and raises `ExecTimeout`
+carrying what it printed until then.
 
 Every VM runs on one background thread (fcvm._runtime), whatever thread or event loop
 calls; a VM is stopped by `stop()`, by leaving its `with` block, when its container
@@ -37,7 +39,7 @@ from fcvm._runtime import runtime
 from fcvm.agent import protocol as p
 from fcvm.agent.spec import ProcessSpec
 from fcvm.errors import FcvmError, StateError, UsageError
-from fcvm.remote import BufferStdio, RemoteProcess
+from fcvm.remote import BufferStdio, RemoteProcess, RemoteProcessError
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -130,6 +132,17 @@ def _argv(command: Command) -> tuple[str, ...]:
     if not all(isinstance(a, str) for a in argv):
         raise UsageError("a command is a list of strings (or one string for sh -c)")
     return argv
+
+
+def _not_started(exc: RemoteProcessError, argv: tuple[str, ...], stdio: BufferStdio
+                 ) -> Completed:  # fmt: skip
+    """A command the guest could not start (not found: 127, not runnable: 126) is a
+    result with that code and the reason on stderr, as the CLI reports it; any other
+    failure (125: fcvm's own) is raised."""
+    if exc.exit_code not in (126, 127):
+        raise exc
+    stderr = bytes(stdio.stderr) + f"{exc}\n".encode()
+    return Completed(argv, exc.exit_code, bytes(stdio.stdout), stderr)
 
 
 def _timeout(timeout: float | None) -> float | None:
@@ -250,9 +263,11 @@ class _Core:
             user=user, interactive=input is not None,
         )  # fmt: skip
         stdio = BufferStdio(input=input)
-        proc = await RemoteProcess.start(machine.session, spec, stdio)
         try:
+            proc = await RemoteProcess.start(machine.session, spec, stdio)
             code = await asyncio.wait_for(machine.supervise(proc.wait()), timeout)
+        except RemoteProcessError as exc:
+            return _not_started(exc, argv, stdio)
         except TimeoutError:
             await proc.signal(signal.SIGKILL)  # (wait_for cancelled wait(): channels closed)
             partial = Completed(argv, 128 + signal.SIGKILL, bytes(stdio.stdout),
@@ -439,6 +454,9 @@ async def run_async(
 
     try:
         code = await runtime().acall(go())
+    except RemoteProcessError as exc:
+        result = _not_started(exc, plan.command, stdio)
+        return result.check() if check else result
     except TimeoutError:
         partial = Completed(plan.command, 128 + signal.SIGKILL, bytes(stdio.stdout),
                             bytes(stdio.stderr))  # fmt: skip

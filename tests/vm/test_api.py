@@ -66,6 +66,17 @@ def test_exec_in_the_guest_os(vm: fcvm.VM) -> None:
     assert vm.exec(probe).stdout == b"container\n"
 
 
+def test_a_command_that_cannot_start_is_a_result(vm: fcvm.VM, test_image: str) -> None:
+    """As the CLI: 127 (not found) and 126 with the reason on stderr (it raised)."""
+    missing = vm.exec(["no-such-command"])
+    assert missing.exit_code == 127 and b"no-such-command" in missing.stderr
+    assert vm.exec(["/etc"]).exit_code == 126
+    with pytest.raises(fcvm.ProcessFailed):
+        vm.exec(["no-such-command"], check=True)
+    done = fcvm.run(test_image, ["no-such-command"], name="t-api-127")
+    assert done.exit_code == 127 and b"no-such-command" in done.stderr
+
+
 def test_check_raises_with_the_result_attached(vm: fcvm.VM) -> None:
     with pytest.raises(fcvm.ProcessFailed) as info:
         vm.exec("echo partial; exit 3", check=True)
