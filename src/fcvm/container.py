@@ -14,7 +14,7 @@ the container runs, SIGINT/SIGTERM/SIGHUP stop the VM (exit 128+N). Once it runs
 first one is forwarded to the container's process and fcvm exits with the
 container's own code when it ends; a second signal, or the container not ending
 within the plan's stop_timeout (podman's --stop-timeout, 10 s), stops the VM
-(exit 128+N).
+(exit 128+N). Output whose reader went away (`| head`) stops the VM at once (141).
 """
 
 from __future__ import annotations
@@ -89,6 +89,9 @@ class ContainerRun:
         self._resolved: Resolved | None = None
         self._startup_pending = False
         self._startup: asyncio.Future[None] | None = None
+        self._main: asyncio.Task[Any] | None = None  # run()'s task, while it runs
+        if forward_signals:  # (the CLI: a writer whose reader is gone gets SIGPIPE)
+            stdio.on_reader_gone = self._reader_gone
 
     # -- plan -> specs -------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class ContainerRun:
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
         assert main is not None
+        self._main = main
         installed: list[signal.Signals] = []
         if self.forward_signals:
             for sig in STOP_SIGNALS:
@@ -324,6 +328,16 @@ class ContainerRun:
             asyncio.get_running_loop().call_later(self.plan.stop_timeout, self._stop, main)
             return
         self._stop(main)
+
+    def _reader_gone(self) -> None:
+        """fcvm's output has no reader any more (`fcvm podman run ... | head`): the run
+        ends as a pipeline's writer would (SIGPIPE, exit 141) - the VM is stopped at
+        once (a container's PID 1 ignores a forwarded SIGPIPE, and its output has
+        nowhere to go)."""
+        if self._main is not None and not self._stopping:
+            logger.info("the output's reader went away: stopping the VM")
+            self._signalled = signal.SIGPIPE
+            self._stop(self._main)
 
     def _stop(self, main: asyncio.Task[Any]) -> None:
         if not self._stopping and not main.done():

@@ -50,6 +50,9 @@ class Stdio(ABC):
     """Where a remote process's stdio goes on this side."""
 
     tty: bool = False  # one channel both ways; stderr merges into stdout
+    # Called when a reader of the output went away (EPIPE: `fcvm ... | head`); what a
+    # SIGPIPE would do to a writer is the caller's to decide (the CLI ends the run).
+    on_reader_gone: Callable[[], None] | None = None
 
     @property
     @abstractmethod
@@ -96,7 +99,8 @@ class LocalStdio(Stdio):
         return None
 
     async def copy_out(self, fd: int, channel: Channel) -> None:
-        await fdio.pump_channel_to_fd(channel, self.stdout if fd == 1 else self.stderr)
+        await fdio.pump_channel_to_fd(channel, self.stdout if fd == 1 else self.stderr,
+                                      on_reader_gone=self.on_reader_gone)  # fmt: skip
 
     async def copy_in(self, channel: Channel) -> None:
         assert self.stdin is not None

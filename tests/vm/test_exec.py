@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -162,6 +163,21 @@ def test_stdin_from_dev_null_is_an_eof(service: str) -> None:
             stdin=null, capture_output=True, timeout=60,
         )  # fmt: skip
     assert (proc.returncode, proc.stdout.strip()) == (0, b"0"), proc.stderr
+
+
+def test_output_nobody_reads_ends_the_exec_as_sigpipe_would(service: str) -> None:
+    """`fcvm exec ... -- yes | head`: exit 141 and the command gone from the guest."""
+    argv = [sys.executable, "-m", "fcvm", "exec", "--name", service, "--", "yes", "t-exec-pipe"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.read(12) == b"t-exec-pipe\n"
+        p.stdout.close()
+        assert p.wait(timeout=60) == 128 + signal.SIGPIPE
+    finally:
+        if p.poll() is None:
+            p.kill()
+    left = fcvm("exec", "--name", service, "--", "ps", "-o", "args")
+    assert "t-exec-pipe" not in left.stdout
 
 
 def test_tty_alone_gives_a_terminal(service: str) -> None:

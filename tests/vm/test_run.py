@@ -143,6 +143,23 @@ def test_a_second_signal_stops_the_vm(test_image: str, sig: int, code: int) -> N
     assert (p.returncode, err) == (code, "")
 
 
+def test_output_nobody_reads_ends_the_run_as_sigpipe_would(test_image: str) -> None:
+    """`fcvm podman run ... -- yes | head -c 4`: the reader goes, so the run ends as a
+    pipeline's writer would (exit 141, quietly; the VM stopped). It ran forever: the
+    output was read and dropped while `yes` went on."""
+    p = _start("t-pipe", test_image, "yes")
+    try:
+        assert p.stdout is not None
+        assert p.stdout.read(4) == "y\ny\n"
+        p.stdout.close()
+        code = p.wait(timeout=60)
+        err = p.stderr.read() if p.stderr is not None else ""
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (code, err) == (128 + signal.SIGPIPE, "")
+
+
 def test_a_container_that_ignores_the_signal_is_stopped_after_stop_timeout(
     test_image: str,
 ) -> None:

@@ -89,6 +89,9 @@ async def _exec(rec: VmRecord, spec: ProcessSpec, stdio: LocalStdio) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
+    # Output nobody reads any more (`| head`): as SIGPIPE ends a writer (exit 141); the
+    # process in the guest is killed when its channel closes.
+    stdio.on_reader_gone = lambda: on_signal(signal.SIGPIPE)
     try:
         return await run_remote(session, spec, stdio)
     except asyncio.CancelledError:

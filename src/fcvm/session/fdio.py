@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from fcvm.session.channel import Channel
 
@@ -91,10 +92,14 @@ async def _read_or_eof(fd: int) -> bytes:
         return b""
 
 
-async def pump_channel_to_fd(channel: Channel, fd: int, *, close_fd: bool = False) -> None:
-    """channel -> fd until the channel's EOF. If fd stops taking data (the reader
-    went away), the rest is read and dropped, so the sender is never left waiting
-    for credit. close_fd gives the reader its EOF."""
+async def pump_channel_to_fd(
+    channel: Channel, fd: int, *, close_fd: bool = False,
+    on_reader_gone: Callable[[], None] | None = None,
+) -> None:  # fmt: skip
+    """channel -> fd until the channel's EOF. If fd stops taking data, the rest is read
+    and dropped, so the sender is never left waiting for credit; on_reader_gone is
+    called if that is because its reader went away (EPIPE: `| head`). close_fd gives
+    the reader its EOF."""
     broken = False
     try:
         while data := await channel.read():
@@ -102,8 +107,10 @@ async def pump_channel_to_fd(channel: Channel, fd: int, *, close_fd: bool = Fals
                 continue
             try:
                 await write_fd(fd, data)
-            except OSError:
+            except OSError as exc:
                 broken = True
+                if isinstance(exc, BrokenPipeError) and on_reader_gone is not None:
+                    on_reader_gone()
     except (ConnectionError, OSError):
         pass
     finally:
