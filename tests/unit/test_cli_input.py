@@ -148,6 +148,24 @@ def test_ls_on_empty_base(empty_base: dict[str, str]) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "[]"
 
 
+def test_ls_says_what_state_each_vm_is_in(
+    empty_base: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running VM whose container has not started is 'running (starting)': fcvm exec
+    refuses it until then (it said just 'running')."""
+    from fcvm import state
+
+    monkeypatch.setenv("FCVM_BASE_DIR", empty_base["FCVM_BASE_DIR"])
+    for name, status, health in [("a", "booting", ""), ("b", "running", ""),
+                                 ("c", "running", "healthy"), ("d", "running", "unhealthy")]:
+        state.create(state.VmRecord(vm_id=state.new_vm_id(), name=name, status=status,
+                                    health=health))  # fmt: skip
+    lines = fcvm("ls", env=empty_base, check=True).stdout.splitlines()
+    status = {line.split()[0]: line[lines[0].index("STATUS"):].split("  ")[0] for line in lines[1:]}
+    assert status == {"a": "booting", "b": "running (starting)", "c": "running (healthy)",
+                      "d": "running (unhealthy)"}  # fmt: skip
+
+
 def test_help_is_instant_and_complete() -> None:
     proc = fcvm("--help")
     assert proc.returncode == 0

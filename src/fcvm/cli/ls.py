@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fcvm.state import VmRecord
 
 COLUMNS = ("NAME", "PID", "VMM", "IMAGE", "STATUS", "CREATED", "CPU", "MEM")
 
@@ -24,6 +28,16 @@ def _age(created: float) -> str:
     return f"{secs}s ago"
 
 
+def _status(r: VmRecord) -> str:
+    """running (healthy|unhealthy), or running (starting) while its container has not
+    started yet (fcvm exec refuses it until then), as podman ps says of a health check."""
+    if r.health:
+        return f"{r.status} ({r.health})"
+    if r.status == "running" and r.kind == "vm":
+        return "running (starting)"
+    return r.status
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     import json
 
@@ -36,12 +50,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2))
         return 0
-    rows = [
-        (r.name, str(r.pid), r.vmm, r.image, f"{r.status} ({r.health})" if r.health else r.status,
-         _age(r.created), str(r.cpus),
-         f"{r.mem_mib}M")
-        for r in records
-    ]  # fmt: skip
+    rows = [(r.name, str(r.pid), r.vmm, r.image, _status(r), _age(r.created), str(r.cpus),
+             f"{r.mem_mib}M") for r in records]  # fmt: skip
     widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(COLUMNS)]
     for row in (COLUMNS, *rows):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
