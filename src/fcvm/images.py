@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcvm import log, paths
+from fcvm import cancel, log, paths
 from fcvm.assets import ext4
 from fcvm.errors import FcvmError, ImageError
 from fcvm.fsutil import atomic_write
@@ -203,11 +203,12 @@ def export_host_image(ref: str, image_id: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    proc = subprocess.run(
-        [_podman(), "save", "--format", "oci-archive", "-o", str(tmp), ref],
-        capture_output=True,
-        text=True,
-    )
+    try:  # (stopped with the run: cancel.py)
+        proc = cancel.run([_podman(), "save", "--format", "oci-archive", "-o", str(tmp), ref],
+                          capture_output=True, text=True)  # fmt: skip
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise ImageError(f"cannot export {ref} from host storage: {proc.stderr.strip()}")
@@ -403,7 +404,7 @@ def _load_private(work: Path, run: Path, archive: Path) -> tuple[Path, str, tupl
         _podman(), "--root", str(root), "--runroot", str(run), "--storage-driver", "overlay",
         "--events-backend", "none", "load", "-q", "-i", str(archive),
     ]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    proc = cancel.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise StoreBuildError(f"podman load failed: {lines[-1] if lines else proc.returncode}")
@@ -419,6 +420,8 @@ def _load_private(work: Path, run: Path, archive: Path) -> tuple[Path, str, tupl
 def make_store_ext4(root: Path, out: Path) -> int:
     try:
         return ext4.pack(root, out, label=STORE_LABEL, growth=1.10, slack_mib=16)
+    except cancel.Cancelled:
+        raise
     except FcvmError as exc:
         raise StoreBuildError(str(exc)) from None
 
