@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fcvm import cancel, imagecache, images, log, state
+from fcvm import children, imagecache, images, log, state
 from fcvm.agent import protocol as p
 from fcvm.agent.spec import ContainerSetup, ImageSource, MapMount, ProcessSpec
 from fcvm.machine import DriveSpec, Machine, MachineSpec, RestoreFailed
@@ -193,7 +193,7 @@ class ContainerRun:
 
     async def _run(self) -> int:
         state.reap_stale()
-        resolved = await cancel.in_thread(self.resolve)  # (stopped with the run)
+        resolved = await children.in_thread(self.resolve)  # (stopped with the run)
         self._resolved = resolved
         keys = resolved.keys
         if keys.reason:

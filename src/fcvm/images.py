@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcvm import cancel, log, paths
+from fcvm import children, log, paths
 from fcvm.assets import ext4
 from fcvm.errors import FcvmError, ImageError
 from fcvm.fsutil import atomic_write
@@ -203,8 +203,8 @@ def export_host_image(ref: str, image_id: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    try:  # (stopped with the run: cancel.py)
-        proc = cancel.run([_podman(), "save", "--format", "oci-archive", "-o", str(tmp), ref],
+    try:  # (stopped with the run: children.py)
+        proc = children.run([_podman(), "save", "--format", "oci-archive", "-o", str(tmp), ref],
                           capture_output=True, text=True)  # fmt: skip
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -404,7 +404,7 @@ def _load_private(work: Path, run: Path, archive: Path) -> tuple[Path, str, tupl
         _podman(), "--root", str(root), "--runroot", str(run), "--storage-driver", "overlay",
         "--events-backend", "none", "load", "-q", "-i", str(archive),
     ]  # fmt: skip
-    proc = cancel.run(argv, capture_output=True, text=True, env=env)
+    proc = children.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise StoreBuildError(f"podman load failed: {lines[-1] if lines else proc.returncode}")
@@ -420,7 +420,7 @@ def _load_private(work: Path, run: Path, archive: Path) -> tuple[Path, str, tupl
 def make_store_ext4(root: Path, out: Path) -> int:
     try:
         return ext4.pack(root, out, label=STORE_LABEL, growth=1.10, slack_mib=16)
-    except cancel.Cancelled:
+    except children.Cancelled:
         raise
     except FcvmError as exc:
         raise StoreBuildError(str(exc)) from None

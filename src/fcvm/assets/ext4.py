@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from fcvm import cancel
+from fcvm import children
 from fcvm.errors import FcvmError
 
 MIB = 1 << 20
@@ -49,7 +49,7 @@ def pack(root: Path, out: Path, *, label: str, growth: float, slack_mib: int) ->
             "-d", str(root), str(out),
         ]  # fmt: skip
         try:
-            proc = cancel.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            proc = children.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise FcvmError(
                 "mkfs.ext4 is not installed", hint="apt-get install e2fsprogs"

@@ -241,11 +241,12 @@ def _run_mmdebstrap(cmd: list[str], log_path: Path, progress: Progress) -> str |
 
 
 def _stop_with_parent() -> None:
-    import ctypes
     import signal
 
+    from fcvm.children import die_with_parent
+
     os.setpgid(0, 0)  # (a terminal's Ctrl-C goes to fcvm, which passes it on)
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)  # (it cleans up on SIGTERM)
 
 
 def _wait(proc: subprocess.Popen[bytes], seconds: float) -> bool:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcvm import log
+from fcvm.children import die_with_parent
 
 _log = log.get("vmm.kvm")
 
@@ -268,8 +269,7 @@ def _wait_quietly(pid: int) -> None:
 
 def _set_pdeathsig() -> None:
     with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        die_with_parent(signal.SIGKILL)
 
 
 def _ioctl(fd: int, req: int, arg: int | bytes | bytearray, what: str) -> int:

@@ -8,7 +8,6 @@ has files and network leftovers to reap.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -17,14 +16,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fcvm.children import die_with_parent
 from fcvm.vmm.base import VmConfig, Vmm
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    die_with_parent(signal.SIGKILL)
     # Ctrl-C in the terminal goes to fcvm, which stops the VM in order; the VMM
     # itself must not get the SIGINT of the foreground process group.
     os.setpgid(0, 0)

@@ -1,4 +1,4 @@
-"""cancel.py: a task that awaits blocking work in a thread is cancelled (a stop signal,
+"""children.py: a task that awaits blocking work in a thread is cancelled (a stop signal,
 a timeout) and the work's child processes are stopped with it, so the thread ends
 instead of running its child to the end (asyncio.run waits for it at exit)."""
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fcvm import cancel
+from fcvm import children
 from tests.unit.aio import arun
 
 pytestmark = pytest.mark.unit
@@ -21,14 +21,14 @@ def test_cancelling_the_awaiting_task_stops_the_child_and_the_thread() -> None:
 
     def work() -> str:
         try:
-            proc = cancel.run(["sleep", "30"], capture_output=True, text=True)
-        except cancel.Cancelled as exc:
+            proc = children.run(["sleep", "30"], capture_output=True, text=True)
+        except children.Cancelled as exc:
             seen["raised"] = str(exc)
             raise
         return proc.stdout
 
     async def main() -> float:
-        task = asyncio.create_task(cancel.in_thread(work))
+        task = asyncio.create_task(children.in_thread(work))
         await asyncio.sleep(0.5)  # sleep is running in the thread
         assert subprocess.run(["pgrep", "-x", "-f", "sleep 30"], capture_output=True).stdout
         task.cancel()
@@ -46,12 +46,12 @@ def test_cancelling_the_awaiting_task_stops_the_child_and_the_thread() -> None:
 
 
 def test_outside_a_scope_it_is_subprocess_run() -> None:
-    done = cancel.run(["sh", "-c", "cat; exit 3"], input="x", capture_output=True, text=True)
+    done = children.run(["sh", "-c", "cat; exit 3"], input="x", capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (3, "x")
 
     async def main() -> subprocess.CompletedProcess[str]:
-        return await cancel.in_thread(
-            cancel.run, ["sh", "-c", "cat; exit 4"], input="y", capture_output=True, text=True
+        return await children.in_thread(
+            children.run, ["sh", "-c", "cat; exit 4"], input="y", capture_output=True, text=True
         )  # fmt: skip
 
     inside = arun(main())

@@ -1,18 +1,23 @@
-"""Stopping a run's blocking work when the run is stopped.
+"""Child processes that must not outlive what started them.
 
-Exporting an image and building its store run in a thread (so that the event loop
-stays responsive) and spend their time in child processes: podman save, podman load,
-mkfs.ext4. A stop signal cancels the run's task at once, but nothing cancels a thread:
-it went on until its child finished - seconds, or minutes for a large image - and
-asyncio.run waited for it before fcvm could exit. So `in_thread` runs such work in a
-Scope (a ContextVar, which asyncio.to_thread carries into its thread); `run` starts
-children in the current scope; when the awaiting task is cancelled, the scope's
-children get SIGTERM and new ones are refused (`Cancelled`), and the thread unwinds
-through its usual cleanup (temporary files, private storage) at once.
+With fcvm itself: `die_with_parent` (PR_SET_PDEATHSIG, in the child) has the kernel
+signal a child when fcvm dies, even by kill -9 (VMMs, the KVM probe, mmdebstrap).
+
+With a run: exporting an image and building its store run in a thread (so that the
+event loop stays responsive) and spend their time in child processes: podman save,
+podman load, mkfs.ext4. A stop signal cancels the run's task at once, but nothing
+cancels a thread: it went on until its child finished - seconds, or minutes for a
+large image - and asyncio.run waited for it before fcvm could exit. So `in_thread` runs
+such work in a Scope (a ContextVar, which asyncio.to_thread carries into its thread);
+`run` starts children in the current scope; when the awaiting task is cancelled, the
+scope's children get SIGTERM and new ones are refused (`Cancelled`), and the thread
+unwinds through its usual cleanup (temporary files, private storage) at once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
@@ -22,6 +27,13 @@ from typing import Any, TypeVar
 from fcvm.errors import FcvmError
 
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """In a child (a preexec_fn, or after fork): the kernel sends it signum when its
+    parent dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 class Cancelled(FcvmError):
