@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -45,6 +46,13 @@ STORE_SUFFIX = ".store.ext4"
 META_SUFFIX = ".store.json"
 STORE_LABEL = "fcvm-images"
 BUILD_PREFIX = ".build-"
+RUNROOT_PREFIX = "fcvm-st-"  # podman's runroot for a store build, in /tmp: fcvm-st-PID-*
+# What a run that was killed while exporting or packing an image leaves, its pid in the
+# name: an export's temp file, a build's directory, a packed store's temp file.
+_LEFT_BY_PID = re.compile(
+    r".+\.oci\.tmp(?P<a>\d+)|\.build-.+-(?P<b>\d+)|\.build-.+\.store\.ext4\.(?P<c>\d+)"
+)
+_RUNROOT = re.compile(rf"{RUNROOT_PREFIX}(?P<pid>\d+)-.+")
 # Where the guest mounts the store; podman's storage.conf lists it as an
 # additionalimagestores entry (assets/rootfs.py).
 
@@ -360,13 +368,14 @@ def build_store(key: str, archive: Path, source: str) -> ImageStore:
     d.mkdir(parents=True, exist_ok=True)
     for stale in d.glob(f"{BUILD_PREFIX}{key}-*"):  # left by killed builds (we hold the lock)
         _remove_tree(stale)
+    collect_garbage()  # (and whatever killed builds of other images left)
     work = d / f"{BUILD_PREFIX}{key}-{os.getpid()}"
     ext4, meta_path = store_paths(key)
     tmp_ext4 = ext4.with_name(f"{BUILD_PREFIX}{ext4.name}.{os.getpid()}")
     # podman refuses a runroot longer than 50 characters: keep it short, in /tmp.
     import tempfile
 
-    run = Path(tempfile.mkdtemp(prefix="fcvm-st-", dir="/tmp"))
+    run = Path(tempfile.mkdtemp(prefix=f"{RUNROOT_PREFIX}{os.getpid()}-", dir="/tmp"))
     try:
         root, image_id, names = _load_private(work, run, archive)
         shutil.rmtree(root / "libpod", ignore_errors=True)  # podman's own DB: not needed
@@ -441,6 +450,42 @@ def _prune_superseded(key: str, archive: str) -> None:
                 ext4.unlink(missing_ok=True)
                 (images_dir() / f".{old}.lock").unlink(missing_ok=True)
                 logger.info("removed superseded image store %s", ext4.name)
+
+
+def collect_garbage() -> list[str]:
+    """Remove what runs killed while exporting or packing an image left behind (its
+    pid, in the name, no longer runs): export temp files, build directories (with the
+    overlay mounts podman left under them) and podman's runroots in /tmp. `fcvm gc`
+    and every store build call this; what was removed."""
+    found: list[tuple[Path, int]] = []
+    with contextlib.suppress(OSError):
+        for path in images_dir().iterdir():
+            if m := _LEFT_BY_PID.fullmatch(path.name):
+                found.append((path, int(m.group("a") or m.group("b") or m.group("c"))))
+    with contextlib.suppress(OSError):
+        for path in Path("/tmp").iterdir():
+            if m := _RUNROOT.fullmatch(path.name):
+                found.append((path, int(m.group("pid"))))
+    removed = []
+    for path, pid in found:
+        if _pid_alive(pid):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            _remove_tree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(str(path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _MNT_DETACH = 2

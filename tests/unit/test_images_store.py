@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,52 @@ def docker_archive_first_layer(archive: Path) -> bytes:
 def _debugfs(image: Path, request: str) -> str:
     proc = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True, text=True)
     return proc.stdout
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+def test_gc_removes_what_killed_exports_and_builds_left(base: Path) -> None:
+    """kill -9 during podman save/load or mkfs: the export's temp file, the build
+    directory with podman's overlay still mounted under it, the runroot in /tmp. Only
+    the dead runs' (their pid in the name); a live one's are its own."""
+    d = images.images_dir()
+    d.mkdir(parents=True)
+    dead, live = _dead_pid(), os.getpid()
+    made: list[Path] = []
+    try:
+        for pid in (dead, live):
+            build = d / f".build-i-1-abc-{pid}"
+            made.append(build)
+            (build / "root" / "overlay").mkdir(parents=True)
+            subprocess.run(["mount", "-t", "tmpfs", "t", str(build / "root" / "overlay")],
+                           check=True)  # fmt: skip
+            made += [d / f"abc.oci.tmp{pid}", d / f".build-i-1-abc.store.ext4.{pid}",
+                     Path(f"/tmp/fcvm-st-{pid}-test")]  # fmt: skip
+            for path in made[-3:-1]:
+                path.write_bytes(b"half")
+            made[-1].mkdir(exist_ok=True)
+        gc = subprocess.run([sys.executable, "-m", "fcvm", "gc"], capture_output=True,
+                            text=True, env={**os.environ, "FCVM_BASE_DIR": str(base)})  # fmt: skip
+        assert gc.returncode == 0, gc.stderr
+        assert sorted(line.split()[1] for line in gc.stdout.splitlines()) == sorted(
+            str(p) for p in made if str(dead) in p.name
+        )
+        assert all(p.exists() == (str(live) in p.name) for p in made)
+        mounts = Path("/proc/mounts").read_text()
+        assert f".build-i-1-abc-{dead}/" not in mounts and f".build-i-1-abc-{live}/" in mounts
+    finally:
+        for p in made:
+            if p.is_dir():
+                images._remove_tree(p)
+            else:
+                p.unlink(missing_ok=True)
 
 
 real_build = pytest.mark.skipif(
