@@ -175,10 +175,27 @@ def parse_image(value: str) -> ImageSpec:
 
 
 def parse_health_check(url: str | None) -> str | None:
+    """An http(s) URL the guest can ask: a host, a port if any in 1-65535, no blanks
+    (urllib refuses those only when the check runs, in the guest)."""
     if url is None:
         return None
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise UsageError(f"malformed --health-check {url!r}: expected an http:// or https:// URL")
+    from urllib.parse import urlsplit
+
+    bad = f"malformed --health-check {url!r}: expected an http:// or https:// URL"
+    if any(c.isspace() for c in url):
+        raise UsageError(f"{bad} (no blanks)")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [IPv6 address
+        raise UsageError(f"{bad} ({exc})") from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(bad)
+    if port == 0:
+        raise UsageError(f"{bad} (a port is a number from 1 to 65535)")
     return url
 
 
@@ -188,7 +205,7 @@ def parse_seconds(flag: str, value: str) -> float:
     except ValueError:
         raise UsageError(f"malformed {flag} {value!r}: expected seconds") from None
     if not 0 < seconds <= 24 * 3600:
-        raise UsageError(f"{flag} {value}: must be between 0 and 86400 seconds")
+        raise UsageError(f"{flag} {value}: must be more than 0 and at most 86400 seconds")
     return seconds
 
 

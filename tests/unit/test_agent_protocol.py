@@ -199,3 +199,36 @@ def test_guest_network_commands() -> None:
 
     assert network_commands({}) == ["link set lo up"]
     assert all("-6" not in c for c in network_commands({"ip": "10.0.2.100/24", "ip6": "x"}))
+
+
+def test_health_probe_never_raises() -> None:
+    """An answer that is not HTTP raised BadStatusLine out of the probe, which ended the
+    health watch: the container stayed 'starting' and exec was refused for good."""
+    import socket
+    import threading
+
+    from fcvm.agent.container import probe_url
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer(reply: bytes) -> None:
+        conn, _ = server.accept()
+        conn.recv(4096)
+        conn.sendall(reply)
+        conn.close()
+
+    for reply, expected in [
+        (b"garbage\r\n\r\n", (False, "not an HTTP answer (BadStatusLine)")),
+        (b"HTTP/1.0 204 No Content\r\n\r\n", (True, "HTTP 204")),
+        (b"HTTP/1.0 500 Oops\r\n\r\n", (False, "HTTP 500")),
+    ]:
+        t = threading.Thread(target=answer, args=(reply,))
+        t.start()
+        assert probe_url(f"http://127.0.0.1:{port}/") == expected
+        t.join()
+    server.close()
+    assert probe_url(f"http://127.0.0.1:{port}/") == (False, "Connection refused")
+    assert probe_url("http://localhost:abc/")[0] is False

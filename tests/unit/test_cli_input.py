@@ -31,6 +31,11 @@ def empty_base(tmp_path: Path) -> dict[str, str]:
         (["--mem", "lots"], "malformed --mem"),
         (["--mem", "1"], "--mem 1"),
         (["--cmd", "sh -c 'unterminated"], "malformed --cmd"),
+        (["--health-check", "http://loc alhost/"], "malformed --health-check"),
+        (["--health-check", "http://localhost:abc/"], "a port is a number"),
+        (["--health-check", "http://localhost:99999/"], "a port is a number"),
+        (["--health-check", "ftp://localhost/"], "malformed --health-check"),
+        (["--stop-timeout", "0"], "more than 0"),
     ],
 )
 def test_malformed_flags(flags: list[str], needle: str, empty_base: dict[str, str]) -> None:

@@ -472,6 +472,10 @@ class Container:
 
 
 def probe_url(url: str) -> tuple[bool, str]:
+    """(passed, what was seen). Never raises: anything that goes wrong is a failed
+    check (an answer that is not HTTP raised http.client's BadStatusLine, which ended
+    the health watch and left the container 'starting' for good)."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -482,8 +486,13 @@ def probe_url(url: str) -> tuple[bool, str]:
             return 200 <= resp.status < 400, f"HTTP {resp.status}"
     except urllib.error.HTTPError as exc:
         return False, f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        return False, str(exc)
+    except urllib.error.URLError as exc:  # (its str() is "<urlopen error ...>")
+        reason = exc.reason
+        return False, reason.strerror or str(reason) if isinstance(reason, OSError) else str(reason)
+    except http.client.HTTPException as exc:  # e.g. BadStatusLine
+        return False, f"not an HTTP answer ({type(exc).__name__})"
+    except Exception as exc:  # a URL urllib refuses, a reset...
+        return False, f"{type(exc).__name__}: {exc}"
 
 
 async def _send_error(ch: Channel, message: str, code: int) -> None:
