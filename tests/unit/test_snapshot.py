@@ -196,6 +196,12 @@ def test_cli_ls(tmp_path: Path) -> None:
         ("s1", 8192, None)
     ]
     assert "s1" in fcvm("snapshot", "ls", env=env, check=True).stdout
+    # A field of the wrong type (hand-edited) makes that one entry incomplete; the list
+    # goes on (it failed as a whole: internal error: TypeError).
+    (snap / "meta.json").write_text(json.dumps({"name": "s1", "created": "yesterday"}))
+    listed = fcvm("snapshots", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[:2] == ["s1", "incomplete"]
 
 
 def _serve_record(sock: Path) -> state.VmRecord:

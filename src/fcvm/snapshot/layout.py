@@ -95,8 +95,20 @@ class SnapshotMeta:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SnapshotMeta:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """TypeError for a field of the wrong type (a hand-edited "created": "yesterday"
+        made `fcvm snapshots` fail as a whole)."""
+        fields = cls.__dataclass_fields__
+        for key, value in data.items():
+            wanted = _JSON_TYPES.get(str(fields[key].type).split("[")[0]) if key in fields else None
+            if wanted is not None and not isinstance(value, wanted):
+                raise TypeError(f"{key} is {type(value).__name__}, not {fields[key].type}")
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+# SnapshotMeta's field types (annotations are strings here) -> what JSON must hold.
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str, "int": int, "float": (int, float), "dict": dict,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
