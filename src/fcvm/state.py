@@ -185,8 +185,14 @@ def list_live() -> list[VmRecord]:
 
 
 def find(*, name: str | None = None, pid: int | None = None) -> VmRecord:
+    """The live VM by name or owner pid (a page server's record is refused: it has no
+    VM to run commands in or snapshot)."""
     for rec in list_live():
         if (name is not None and rec.name == name) or (pid is not None and rec.pid == pid):
+            if rec.kind == "serve":
+                snapshot = rec.extra.get("snapshot", "")
+                raise StateError(f"{rec.name!r} is the page server of snapshot {snapshot!r}, "
+                                 "not a VM (its clones are VMs)")  # fmt: skip
             return rec
     what = f"named {name!r}" if name is not None else f"with pid {pid}"
     raise StateError(f"no running VM {what}")

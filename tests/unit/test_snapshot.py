@@ -244,3 +244,18 @@ def test_reaping_a_killed_server_spares_the_socket_of_the_one_serving_now(
     _killed(new)
     assert [r.vm_id for r in state.reap_stale()] == [new.vm_id]
     assert not sock.exists()
+
+
+def test_a_page_server_is_not_taken_for_a_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:  # fmt: skip
+    """fcvm exec / snapshot create naming a page server said 'still starting' or timed
+    out on a control socket it does not have."""
+    monkeypatch.setenv("FCVM_BASE_DIR", str(tmp_path))
+    _serve_record(tmp_path / "s1.sock")
+    env = {"FCVM_BASE_DIR": str(tmp_path)}
+    for argv in (["exec", "--name", "serve-s1", "--", "true"],
+                 ["snapshot", "create", "serve-s1", "--tag", "x"]):  # fmt: skip
+        proc = fcvm(*argv, env=env)
+        assert proc.returncode == 125
+        assert proc.stderr == ("fcvm: 'serve-s1' is the page server of snapshot 's1', not a VM "
+                               "(its clones are VMs)\n")  # fmt: skip

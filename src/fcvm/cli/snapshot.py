@@ -144,7 +144,7 @@ def _create(args: argparse.Namespace) -> int:
     from fcvm.snapshot.layout import validate_name
 
     if (args.vm is None) == (args.pid is None):
-        raise UsageError("name the VM or give --pid PID (not both)")
+        raise UsageError("name the VM or give --pid PID (one of them)")
     validate_name(args.tag)
     state.reap_stale()
     rec = state.find(name=args.vm, pid=args.pid)
