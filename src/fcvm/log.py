@@ -21,7 +21,10 @@ def setup_logging() -> None:
     level_name = os.environ.get("FCVM_LOG", "warning").upper()
     level = getattr(logging, level_name, logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("fcvm %(levelname)s %(name)s: %(message)s"))
+    if level < logging.WARNING:  # asked for: which module said what
+        handler.setFormatter(logging.Formatter("fcvm %(levelname)s %(name)s: %(message)s"))
+    else:  # a user's warning reads like the CLI's own lines ("fcvm: warning: ...")
+        handler.setFormatter(_Plain())
     root = logging.getLogger("fcvm")
     root.addHandler(handler)
     root.setLevel(level)
@@ -30,3 +33,8 @@ def setup_logging() -> None:
 
 def get(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("fcvm") else f"fcvm.{name}")
+
+
+class _Plain(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"fcvm: {record.levelname.lower()}: {record.getMessage()}"

@@ -133,11 +133,11 @@ def parse_cpus(value: str) -> int:
 
 
 def parse_mem(value: str) -> int:
-    """--mem in MiB; a trailing M/MiB or G/GiB is accepted."""
-    m = re.fullmatch(r"(\d+)\s*(m|mib|mb|g|gib|gb)?", value.strip().lower())
+    """--mem in MiB; a trailing M/MiB, G/GiB or T/TiB is accepted."""
+    m = re.fullmatch(r"(\d+)\s*(m|mib|mb|g|gib|gb|t|tib|tb)?", value.strip().lower())
     if not m:
         raise UsageError(f"malformed --mem {value!r}: expected MiB, e.g. 512 or 2G")
-    mib = int(m.group(1)) * (1024 if (m.group(2) or "m").startswith("g") else 1)
+    mib = int(m.group(1)) * {"m": 1, "g": 1024, "t": 1 << 20}[(m.group(2) or "m")[0]]
     if not MIN_MEM_MIB <= mib <= MAX_MEM_MIB:
         raise UsageError(f"--mem {value}: must be between {MIN_MEM_MIB} MiB and 1 TiB")
     return mib

@@ -343,7 +343,7 @@ def test_a_full_disk_costs_the_snapshot_not_the_run(test_image: str) -> None:
         assert (proc.returncode, proc.stdout) == (3, "ran\n"), proc.stderr
         (line,) = proc.stderr.splitlines()
         assert re.fullmatch(
-            r"fcvm WARNING fcvm.imagecache: no prestart snapshot for the image cache: "
+            r"fcvm: warning: no prestart snapshot for the image cache: "
             r"(31|32) MiB free where snapshots go, up to 8[5-9]\d MiB needed \(the run goes on\)",
             line,
         ), line
