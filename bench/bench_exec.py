@@ -78,7 +78,7 @@ def start_vm(log: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
         if proc.poll() is not None:
             raise BenchError(f"{NAME} exited {proc.returncode}: {log.read_text().strip()}")
         for rec in records(NAME, exact=True):
-            if rec.get("pid") == proc.pid and rec.get("health"):
+            if rec.get("pid") == proc.pid and rec.get("health") not in (None, "", "starting"):
                 if rec["health"] != "healthy":
                     raise BenchError(f"{NAME} is {rec['health']}")
                 return proc, rec

@@ -129,7 +129,8 @@ def one_vm(mode: str, name: str, nbytes: int, reps: int, tmp: Path) -> VmResult:
         while not rec and time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise BenchError(f"{name} exited {proc.returncode}: {log.read_text().strip()}")
-            rec = next((r for r in records(PREFIX) if r["pid"] == proc.pid and r["health"]), {})
+            rec = next((r for r in records(PREFIX) if r["pid"] == proc.pid
+                        and r["health"] not in ("", "starting")), {})  # fmt: skip
             time.sleep(0.3)
         if rec.get("health") != "healthy":
             raise BenchError(f"{name}: not healthy within {HEALTH_TIMEOUT:.0f}s ({rec})")

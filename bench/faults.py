@@ -183,7 +183,7 @@ class Seen:
             return "network-setup"
         if self.status != "running":
             return "booting"
-        return "running-healthy" if self.health else "running"
+        return "running-healthy" if self.health not in ("", "starting") else "running"
 
 
 @dataclass

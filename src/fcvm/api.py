@@ -246,7 +246,7 @@ class _Core:
             self.task.result()  # the failure, if it failed
             return  # the container already ended: wait() has its code
         machine = self.run.machine
-        if machine is not None and machine.record.health not in ("", "healthy"):
+        if machine is not None and machine.record.health == "unhealthy":
             detail = machine.record.health
             await self.stop()
             raise StateError(f"VM {self.plan.name!r}: the container is {detail}")

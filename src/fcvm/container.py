@@ -262,6 +262,8 @@ class ContainerRun:
             kind = event.get("event")
             if kind == p.EV_STARTED:
                 self.timings.mark("container-started")
+                if spec.health_check and not machine.record.health:  # (not yet checked)
+                    machine.update_record(health="starting")  # fcvm exec may come in now
             elif kind == p.EV_HEALTH:
                 status = str(event.get("status"))
                 self.timings.mark(f"health-{status}")

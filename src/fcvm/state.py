@@ -47,7 +47,8 @@ class VmRecord:
     vmm_pid: int | None = None
     image: str = ""
     status: str = "starting"  # starting | booting | running
-    health: str = ""  # "" until known, then healthy | unhealthy (from the agent)
+    health: str = ""  # "" until the container runs; starting (its --health-check not
+    # passed yet), healthy, unhealthy (from the agent)
     created: float = field(default_factory=time.time)
     cpus: int = 0
     mem_mib: int = 0

@@ -34,7 +34,7 @@ def _wait_health(name: str, want: str = "healthy", timeout: float = 120) -> dict
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rec = _records().get(name)
-        if rec and rec["health"]:
+        if rec and rec["health"] not in ("", "starting"):
             assert rec["health"] == want, rec
             return rec
         time.sleep(0.3)
@@ -267,6 +267,31 @@ def test_health_check_that_never_answers(test_image: str) -> None:
     )  # fmt: skip
     try:
         _wait_health(name, "unhealthy")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_exec_while_the_health_check_has_not_passed(test_image: str) -> None:
+    """As podman: a started container whose health check has not passed yet takes
+    execs (one looks in to see why), and fcvm ls says it is starting. It was refused
+    ('still starting') for the whole --health-timeout."""
+    name = "t-health-wait"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
+         "--health-check", "http://127.0.0.1:9/", "--health-timeout", "120", test_image,
+         "--", "sleep", "600"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while _records().get(name, {}).get("health") != "starting":
+            assert time.monotonic() < deadline and proc.poll() is None, _records()
+            time.sleep(0.2)
+        looked = fcvm("exec", "--name", name, "--", "echo", "in")
+        assert (looked.returncode, looked.stdout) == (0, "in\n"), looked.stderr
+        rows = fcvm("ls", check=True).stdout.splitlines()
+        assert "running (starting)" in next(row for row in rows if row.startswith(name))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
