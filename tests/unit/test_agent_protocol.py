@@ -194,6 +194,27 @@ def test_resize_reaches_the_terminal() -> None:
     assert out.data().strip() == b"50 132"
 
 
+@pytest.mark.parametrize("text", [b"a1\nb2\n", b"a1\nno newline"])
+def test_the_end_of_input_reaches_a_terminal(tmp_path: Any, text: bytes) -> None:
+    """`echo ... | fcvm exec -it -- cat`: stdin's end is typed as the terminal's EOF
+    character (twice after a partial line), so cat ends; it waited forever."""
+    out = Capture()
+    (tmp_path / "in").write_bytes(text)
+    fd = os.open(tmp_path / "in", os.O_RDONLY)
+
+    async def body(host: Session) -> int:
+        spec = vm_spec("sh", "-c", "cat; exit 6", tty=True)
+        return await asyncio.wait_for(
+            run_remote(host, spec, LocalStdio(stdin=fd, stdout=out.w, tty=True)), 20
+        )
+
+    try:
+        assert run(body) == 6
+    finally:
+        os.close(fd)
+    assert out.data().replace(b"\r\n", b"\n").endswith(text)  # (cat's copy, after the echo)
+
+
 def test_guest_network_commands() -> None:
     from fcvm.agent.system import network_commands
 

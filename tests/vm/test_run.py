@@ -287,6 +287,18 @@ def test_interactive_terminal_in_the_container(test_image: str, tmux: Tmux) -> N
     tmux.wait_for("DONE-3")
 
 
+def test_the_end_of_piped_input_reaches_the_containers_terminal(test_image: str) -> None:
+    """`printf ... | fcvm podman run -it ... -- sh -c 'cat; exit 6'`: stdin's end is typed
+    on the container's terminal as its EOF character, so cat ends (it waited forever)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcvm", "podman", "run", "-it", "--name", "t-it-pipe", test_image,
+         "--", "sh", "-c", "cat; exit 6"],
+        input=b"a1\nb2\n", capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stdout.replace(b"\r\n", b"\n").endswith(b"a1\nb2\n")
+
+
 def test_privileged_gives_all_capabilities_and_the_guests_devices(test_image: str) -> None:
     script = "grep CapEff /proc/self/status; test -e /dev/vda && echo has-vda; exit 0"
     plain = fcvm("podman", "run", "--name", "t-unpriv", test_image, "--", "sh", "-c", script)

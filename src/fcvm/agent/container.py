@@ -350,14 +350,18 @@ class Container:
                     out.detach()
 
     async def _feed(self, ch: Channel) -> None:
-        """stdin channel -> the process; a real EOF closes its stdin, a lost session
-        does not (the next attachment goes on feeding it)."""
+        """stdin channel -> the process; a real EOF closes its stdin (types the EOF
+        character on its terminal), a lost session does not (the next attachment goes
+        on feeding it)."""
         fd = self._stdin
         assert fd is not None
+        if fd == self._master:
+            await fdio.pump_channel_to_terminal(ch, fd)
+            return
         while data := await ch.read():
             with contextlib.suppress(OSError):
                 await fdio.write_fd(fd, data)
-        if not ch.closed and fd != self._master:
+        if not ch.closed:
             with contextlib.suppress(OSError):
                 os.close(fd)
             self._stdin = None

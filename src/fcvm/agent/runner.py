@@ -167,7 +167,8 @@ async def _execute(
 
     if master is not None:
         output(os.dup(master), stdio[0])
-        input_(stdio[0], master, close_fd=False)  # closed below, after the output
+        os.set_blocking(master, False)  # (closed below, after the output)
+        writers.append(asyncio.create_task(fdio.pump_channel_to_terminal(stdio[0], master)))
     else:
         for fd, pipe in ((1, proc.stdout), (2, proc.stderr)):
             assert pipe is not None

@@ -85,6 +85,38 @@ async def pump_fd_to_channel(fd: int, channel: Channel, *, close_fd: bool = Fals
                 os.close(fd)
 
 
+async def pump_channel_to_terminal(channel: Channel, master: int) -> None:
+    """channel -> a PTY master (a process's terminal). Its end (stdin ended: `echo hi |
+    fcvm ... -it`) is typed as the terminal's EOF character, as one ends input at a
+    terminal with Ctrl-D (twice after a partial line): a program reading its terminal
+    sees end of input (it waited forever). A lost session types nothing."""
+    last = b"\n"
+    try:
+        while data := await channel.read():
+            await write_fd(master, data)
+            last = data[-1:]
+        if not channel.closed:
+            await write_fd(master, terminal_eof(master) * (1 if last == b"\n" else 2))
+    except (ConnectionError, OSError):
+        pass
+
+
+def terminal_eof(master: int) -> bytes:
+    """The terminal's EOF character (VEOF) while it edits lines; Ctrl-D, what a person
+    would type, when it is raw: its reader relays bytes to another terminal (podman
+    exec's own, whose raw mode left VEOF 0) or reads keys itself."""
+    import termios
+
+    try:
+        attrs = termios.tcgetattr(master)
+        char = attrs[6][termios.VEOF]
+    except (termios.error, OSError, IndexError):
+        return b"\x04"
+    if attrs[3] & termios.ICANON and isinstance(char, bytes) and char != b"\x00":
+        return char
+    return b"\x04"
+
+
 async def _read_or_eof(fd: int) -> bytes:
     try:
         return await read_fd(fd)
