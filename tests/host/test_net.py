@@ -187,6 +187,27 @@ def test_rootless_two_vms_same_host_and_guest_port(tmp_path: Path) -> None:
         b.teardown()
 
 
+def test_rootless_moves_past_an_address_another_base_directory_uses(tmp_path: Path) -> None:
+    """Leases are per base directory: another one's VM (another user's) may hold our port
+    on the loopback address we would pick. The VM takes the next address instead of
+    failing with 'host port already in use'."""
+    from fcvm.net.alloc import pick_loopback
+
+    taken = pick_loopback([])
+    with socket.socket() as other:
+        other.bind((taken, 0))
+        other.listen()
+        port = other.getsockname()[1]
+        h = setup_network("rlo", "rootless", parse_publish([f"{port}:80"]), workdir=tmp_path)
+        try:
+            assert h.host_ip != taken
+            with FakeGuest(h) as guest:
+                guest.serve("A", 80)
+                assert roundtrip(h.host_ip, port, n=4096) == expect("A", 4096)
+        finally:
+            h.teardown()
+
+
 def test_rootless_udp_publish(workdir: Path) -> None:
     port = free_port()
     h = setup_network("rlu", "rootless", parse_publish([f"{port}:5353/udp"]), workdir=workdir)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -271,23 +270,18 @@ def _mac_for(vm_id: str) -> str:
 
 def _check_bindable(fwd: PortForward) -> None:
     """Fail now, cleanly, if host_ip:host_port/proto cannot be bound (in use, no right)."""
-    family = socket.AF_INET6 if ":" in fwd.host_ip else socket.AF_INET
-    kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(family, kind) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((fwd.host_ip, fwd.host_port))
-        except OSError as e:
-            where = f"{fwd.host_ip}:{fwd.host_port}/{fwd.proto}"
-            if e.errno == 98:  # EADDRINUSE
-                raise FcvmError(f"cannot publish {where}: host port already in use") from None
-            if e.errno == 13:  # EACCES
-                start = read_setting("/proc/sys/net/ipv4/ip_unprivileged_port_start") or "1024"
-                raise FcvmError(
-                    f"cannot publish {where}: ports below {start} need root",
-                    hint="use a higher host port",
-                ) from None
-            raise FcvmError(f"cannot publish {where}: {e.strerror}") from None
+    e = fwd.bind_error()
+    if e is None:
+        return
+    where = f"{fwd.host_ip}:{fwd.host_port}/{fwd.proto}"
+    if e.errno == 98:  # EADDRINUSE
+        raise FcvmError(f"cannot publish {where}: host port already in use")
+    if e.errno == 13:  # EACCES
+        start = read_setting("/proc/sys/net/ipv4/ip_unprivileged_port_start") or "1024"
+        raise FcvmError(
+            f"cannot publish {where}: ports below {start} need root", hint="use a higher host port"
+        )
+    raise FcvmError(f"cannot publish {where}: {e.strerror}")
 
 
 # ---------------------------------------------------------------- setup

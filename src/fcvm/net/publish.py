@@ -38,6 +38,20 @@ class PortForward:
             "proto": self.proto,
         }
 
+    def bind_error(self) -> OSError | None:
+        """Why host_ip:host_port/proto cannot be bound now (in use, no right), or None."""
+        import socket
+
+        family = socket.AF_INET6 if ":" in self.host_ip else socket.AF_INET
+        kind = socket.SOCK_STREAM if self.proto == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(family, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.host_ip, self.host_port))
+            except OSError as e:
+                return e
+        return None
+
     @classmethod
     def from_json(cls, d: dict[str, object]) -> PortForward:
         return cls(

@@ -63,13 +63,27 @@ def check_host(root: bool) -> None:
                 )
 
 
+MAX_ADDRESS_TRIES = 16
+
+
 def allocate(
     rec: Record, leases: Leases, publish: list[PortForward]
 ) -> tuple[str, list[PortForward]]:
     """Under the lease lock: the VM's own loopback address (returned with the forwards,
     which bind on it unless they name an address) and the guest's slirp address."""
     used = [str(r.get("host_ip")) for r in leases.leases.values()]
-    host_ip = pick_loopback(used)
+    host_ip = first = pick_loopback(used)
+    # Leases are per base directory: a VM of another (another user's, a test suite's)
+    # may hold one of our ports at this address. Move on to the next address then (a
+    # few times: a port held on every address - 0.0.0.0 - is reported as in use).
+    for _ in range(MAX_ADDRESS_TRIES):
+        if not any(PortForward(host_ip, f.host_port, 0, f.proto).bind_error()
+                   for f in publish if not f.host_ip):  # fmt: skip
+            break
+        used.append(host_ip)
+        host_ip = pick_loopback(used)
+    else:
+        host_ip = first
     forwards = [
         PortForward(f.host_ip or host_ip, f.host_port, f.guest_port, f.proto) for f in publish
     ]
