@@ -180,6 +180,31 @@ def test_output_nobody_reads_ends_the_exec_as_sigpipe_would(service: str) -> Non
     assert "t-exec-pipe" not in left.stdout
 
 
+def test_a_terminal_exec_ends_with_fcvm_and_with_its_input(service: str) -> None:
+    """exec -t went through podman exec: interrupting fcvm killed podman and left the
+    command running in the container, and piped input's end never reached it."""
+    argv = [sys.executable, "-m", "fcvm", "exec", "-t", "--name", service, "--", "sleep", "207"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while "sleep 207" not in fcvm("exec", "--name", service, "--", "ps", "-o", "args").stdout:
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "sleep 207" not in fcvm("exec", "--name", service, "--", "ps", "-o", "args").stdout
+    piped = subprocess.run(
+        [sys.executable, "-m", "fcvm", "exec", "-it", "--name", service, "--",
+         "sh", "-c", "cat; exit 6"],
+        input=b"a1\nb2\n", capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert piped.returncode == 6, piped.stderr
+    assert piped.stdout.replace(b"\r\n", b"\n").endswith(b"a1\nb2\n")
+
+
 def test_tty_alone_gives_a_terminal(service: str) -> None:
     proc = fcvm("exec", "--name", service, "-t", "--", "sh", "-c", "test -t 1 && echo tty")
     assert proc.returncode == 0

@@ -11,7 +11,9 @@ import logging
 import os
 import pty
 import signal
+import socket
 import subprocess
+from typing import Any
 
 from fcvm.agent import procs
 from fcvm.agent import protocol as p
@@ -29,15 +31,19 @@ OUTPUT_DRAIN_SECONDS = 5.0
 CRUN_ROOT = "/run/crun"  # where podman's crun keeps container state (rootful)
 
 
-def crun_exec_argv(spec: ProcessSpec, container: Container, pidfile: str, log: str) -> list[str]:
+def crun_exec_argv(spec: ProcessSpec, container: Container, pidfile: str, log: str,
+                   console: str | None = None) -> list[str]:  # fmt: skip
     """`crun exec` of spec in the container: a quarter of `podman exec`'s time under TCG
     (no podman process, no conmon); the container's own process settings (capabilities,
     namespaces, cgroup) are its base. crun's --env replaces the environment, so it gets
-    the container's, then the run's, then the exec's own."""
+    the container's, then the run's, then the exec's own. With a console socket, crun
+    makes the process a terminal in the container and sends its master there."""
     env = dict(container.config_env)
     env.update(container.exec_env)
     env.update(spec.env)
     argv = ["crun", f"--root={CRUN_ROOT}", f"--log=file:{log}", "exec", f"--pid-file={pidfile}"]
+    if console is not None:
+        argv += ["--tty", f"--console-socket={console}"]
     if spec.workdir:
         argv.append(f"--cwd={spec.workdir}")
     if spec.user:
@@ -75,16 +81,20 @@ async def run_proc(
 ) -> None:
     """Run an exec or vm-mode spec; events on proc_ch; the channels closed at the end.
 
-    An exec without a TTY goes through `crun exec` (its pid file tells the agent which
-    process in the container to signal or kill), with a TTY through `podman exec`."""
+    An exec goes through `crun exec` (its pid file tells the agent which process in the
+    container to signal or kill; with a TTY, crun hands the terminal's master over a
+    console socket). (`podman exec -t` left the command running when fcvm went away:
+    killing podman does not reach it, and stdin's end never reached its terminal.)"""
     crun: tuple[str, str] | None = None
+    console: str | None = None
     try:
-        fast = container is not None and bool(container.container_id) and not spec.tty
+        fast = container is not None and bool(container.container_id)
         if spec.mode == p.MODE_EXEC and fast:
             assert container is not None
             tag = os.urandom(6).hex()
             crun = (f"/run/fcvm-exec-{tag}.pid", f"/run/fcvm-exec-{tag}.log")
-            argv = crun_exec_argv(spec, container, *crun)
+            console = f"/run/fcvm-exec-{tag}.tty" if spec.tty else None
+            argv = crun_exec_argv(spec, container, *crun, console)
             env = None
         elif spec.mode == p.MODE_EXEC:
             argv = podman_argv(spec, container.exec_env if container else ())
@@ -93,7 +103,7 @@ async def run_proc(
             argv = list(spec.argv)
             env = dict(os.environ)
             env.update(dict(spec.env))
-        await _execute(proc_ch, stdio, reaper, spec, argv, env, crun)
+        await _execute(proc_ch, stdio, reaper, spec, argv, env, crun, console)
     except ProcError as exc:
         await send_error(proc_ch, str(exc), exc.code)
     except Exception as exc:  # never let one request take the agent down
@@ -105,7 +115,7 @@ async def run_proc(
                 await ch.close()
         with contextlib.suppress(Exception):
             await proc_ch.close()
-        for path in crun or ():
+        for path in (*(crun or ()), *([console] if console else [])):
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
@@ -123,11 +133,20 @@ async def _execute(
     argv: list[str],
     env: dict[str, str] | None,
     crun: tuple[str, str] | None = None,
+    console: str | None = None,
 ) -> None:
     cwd = spec.workdir if spec.mode == p.MODE_VM else None
     master = None
+    listener = None
     try:
-        if spec.tty:
+        if console is not None:  # crun makes the terminal and sends us its master
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(console)
+            listener.listen(1)
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    close_fds=True, start_new_session=True)  # fmt: skip
+        elif spec.tty:
             master, slave = pty.openpty()
             procs.set_winsize(slave, spec.rows, spec.cols)
             proc = procs.spawn(argv, env=env, cwd=cwd, tty_fd=slave)
@@ -142,6 +161,14 @@ async def _execute(
     except OSError as exc:
         raise ProcError(f"{argv[0]}: {exc.strerror}", 126) from None
     done = reaper.watch(proc)
+    if listener is not None:
+        assert crun is not None
+        try:
+            master = await _console_master(listener, done, crun[1])
+        except BaseException:
+            proc.kill()
+            raise
+        procs.set_winsize(master, spec.rows, spec.cols)
     await proc_ch.send_json({"event": p.EV_STARTED, "pid": proc.pid})
 
     # The agent owns these descriptors: non-blocking, so a child that stops reading
@@ -166,7 +193,10 @@ async def _execute(
         writers.append(asyncio.create_task(fdio.pump_channel_to_fd(ch, fd, close_fd=close_fd)))
 
     if master is not None:
-        output(os.dup(master), stdio[0])
+        if crun is not None:  # (crun's complaint, when it cannot start it, comes here too)
+            crun_stderr(os.dup(master), stdio[0], crun[0])
+        else:
+            output(os.dup(master), stdio[0])
         os.set_blocking(master, False)  # (closed below, after the output)
         writers.append(asyncio.create_task(fdio.pump_channel_to_terminal(stdio[0], master)))
     else:
@@ -214,6 +244,32 @@ async def _execute(
 
 
 CRUN_FAILED = 255
+CONSOLE_TIMEOUT_S = 60.0
+
+
+async def _console_master(listener: socket.socket, done: asyncio.Future[int], log_path: str
+                          ) -> int:  # fmt: skip
+    """The terminal master crun sends over its console socket; ProcError if crun ends
+    (it could not start the command) or never sends it."""
+    loop = asyncio.get_running_loop()
+    listener.setblocking(False)
+    try:
+        accepting = asyncio.ensure_future(loop.sock_accept(listener))
+        either: set[asyncio.Future[Any]] = {accepting, done}
+        finished, _ = await asyncio.wait(either, timeout=CONSOLE_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if accepting not in finished:
+            accepting.cancel()
+            raise _crun_failure(log_path) or ProcError("crun sent no terminal", 125)
+        conn, _ = accepting.result()
+        with conn:
+            conn.setblocking(True)
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        if not fds:
+            raise ProcError("crun sent no terminal", 125)
+        return fds[0]
+    finally:
+        listener.close()
 
 
 class _HeldStderr:
