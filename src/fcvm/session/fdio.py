@@ -103,8 +103,8 @@ async def pump_channel_to_terminal(channel: Channel, master: int) -> None:
 
 def terminal_eof(master: int) -> bytes:
     """The terminal's EOF character (VEOF) while it edits lines; Ctrl-D, what a person
-    would type, when it is raw: its reader relays bytes to another terminal (podman
-    exec's own, whose raw mode left VEOF 0) or reads keys itself."""
+    would type, when it is raw (VEOF means nothing there, and raw modes may zero it):
+    its reader relays bytes to another terminal or reads keys itself."""
     import termios
 
     try:
