@@ -231,14 +231,22 @@ def _check_archive(kind: str, path: Path) -> None:
         raise ImageError(f"{kind} not found: {path}")
     if not path.is_file():
         raise ImageError(f"{kind} is not a file: {path}")
+    wanted = "index.json" if kind == "oci-archive" else "manifest.json"
+    a_kind = f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
     try:
         with tarfile.open(path) as tar:  # reads headers only, seeking over contents
-            names = {member.name.removeprefix("./") for member in tar}
+            names = {member.name.removeprefix("./"): member for member in tar}
+            if wanted not in names:
+                raise ImageError(f"{path} is not {a_kind} (no {wanted} in it)")
+            # (the guest's podman load would say so in five lines, after a boot)
+            f = tar.extractfile(names[wanted])
+            top = json.load(f) if f is not None else None
     except (OSError, tarfile.TarError):
         raise ImageError(f"{kind} {path} is not a readable tar archive") from None
-    wanted = "index.json" if kind == "oci-archive" else "manifest.json"
-    if wanted not in names:
-        raise ImageError(f"{path} is not a {kind} (no {wanted} in it)")
+    except ValueError as exc:
+        raise ImageError(f"{path} is not {a_kind} ({wanted} is not JSON: {exc})") from None
+    if not isinstance(top, dict if kind == "oci-archive" else list):
+        raise ImageError(f"{path} is not {a_kind} ({wanted} is not an image index)")
 
 
 def archive_ref(kind: str, path: Path) -> str:

@@ -38,6 +38,28 @@ def test_archive_that_is_not_an_image(tmp_path: Path) -> None:
     assert "not a readable tar" in err
 
 
+@pytest.mark.parametrize(("kind", "members", "needle"), [
+    ("oci-archive", {"index.json": b"garbage", "oci-layout": b"{}"}, "index.json is not JSON"),
+    ("oci-archive", {"manifest.json": b"[]"}, "is not an oci-archive (no index.json"),
+    ("docker-archive", {"manifest.json": b"{}"}, "manifest.json is not an image index"),
+])  # fmt: skip
+def test_archive_with_a_broken_index(
+    tmp_path: Path, kind: str, members: dict[str, bytes], needle: str
+) -> None:
+    """One line before any VM (it was the guest's podman load's five, after a boot)."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "broken.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    err = _one_line_125(fcvm("podman", "run", "--name", "t-broken", f"{kind}:{archive}"))
+    assert needle in err
+
+
 def test_firecracker_requested_but_unusable(test_image: str) -> None:
     import shutil
 
