@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default="8G",
         metavar="SIZE",
         help="the container's storage disk (default 8G; sparse: it costs what is written; "
-        "the container gets ENOSPC when full); 'ram' keeps container storage in guest "
+        "the container gets ENOSPC when full); 'ram' (or 0) keeps container storage in guest "
         "memory instead",
     )
     from fcvm.vmm.registry import names as backends
