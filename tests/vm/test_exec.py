@@ -259,14 +259,19 @@ def test_interactive_terminal(service: str, tmux: Tmux, tmp_path: object) -> Non
     assert back.stdout == "hello from vi\n"
 
 
-def test_health_check_url(test_image: str) -> None:
-    name = "t-health"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
-         "--health-check", "http://127.0.0.1:8080/index.html", test_image,
-         "--", "httpd", "-f", "-p", "8080", "-h", "/www"],
+def _with_health_check(name: str, url: str, *args: str) -> subprocess.Popen[str]:
+    """`fcvm podman run --name NAME --health-check URL ARGS...` in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name, "--health-check", url,
+         *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def test_health_check_url(test_image: str) -> None:
+    name = "t-health"
+    proc = _with_health_check(name, "http://127.0.0.1:8080/index.html", test_image,
+                              "--", "httpd", "-f", "-p", "8080", "-h", "/www")  # fmt: skip
     try:
         # Right after start the VM is still booting: exec says so instead of hanging.
         deadline = time.monotonic() + 60
@@ -284,12 +289,8 @@ def test_health_check_url(test_image: str) -> None:
 
 def test_health_check_that_never_answers(test_image: str) -> None:
     name = "t-unhealthy"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
-         "--health-check", "http://127.0.0.1:9/", "--health-timeout", "3", test_image,
-         "--", "sleep", "600"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _with_health_check(name, "http://127.0.0.1:9/", "--health-timeout", "3", test_image,
+                              "--", "sleep", "600")  # fmt: skip
     try:
         _wait_health(name, "unhealthy")
     finally:
@@ -302,12 +303,8 @@ def test_exec_while_the_health_check_has_not_passed(test_image: str) -> None:
     execs (one looks in to see why), and fcvm ls says it is starting. It was refused
     ('still starting') for the whole --health-timeout."""
     name = "t-health-wait"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
-         "--health-check", "http://127.0.0.1:9/", "--health-timeout", "120", test_image,
-         "--", "sleep", "600"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _with_health_check(name, "http://127.0.0.1:9/", "--health-timeout", "120",
+                              test_image, "--", "sleep", "600")  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while _records().get(name, {}).get("health") != "starting":
