@@ -30,6 +30,15 @@ def fcvm(
     return proc  # type: ignore[no-any-return]
 
 
+def dead_pid() -> int:
+    """The pid of a process that has just ended (a killed owner, for reaping tests)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     given = os.environ.get("FCVM_BASE_DIR")
     return [f"fcvm base dir: {given or '(default; the VM tier makes its own)'}"]

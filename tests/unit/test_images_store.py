@@ -21,6 +21,7 @@ import pytest
 
 from fcvm import images
 from fcvm.plan import ImageSpec
+from tests.conftest import dead_pid
 
 pytestmark = pytest.mark.unit
 
@@ -316,14 +317,6 @@ def _debugfs(image: Path, request: str) -> str:
     return proc.stdout
 
 
-def _dead_pid() -> int:
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    return pid
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 def test_gc_removes_what_killed_exports_and_builds_left(base: Path) -> None:
     """kill -9 during podman save/load or mkfs: the export's temp file, the build
@@ -331,7 +324,7 @@ def test_gc_removes_what_killed_exports_and_builds_left(base: Path) -> None:
     the dead runs' (their pid in the name); a live one's are its own."""
     d = images.images_dir()
     d.mkdir(parents=True)
-    dead, live = _dead_pid(), os.getpid()
+    dead, live = dead_pid(), os.getpid()
     made: list[Path] = []
     try:
         for pid in (dead, live):

@@ -4,7 +4,6 @@ No userfaultfd needed (tests/host/test_pageserver.py has the real thing)."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from fcvm import state
 from fcvm.snapshot import layout, serving, uffd, workingset
 from fcvm.snapshot.handshake import HandshakeError, Region, parse_regions, remap
-from tests.conftest import fcvm
+from tests.conftest import dead_pid, fcvm
 
 pytestmark = pytest.mark.unit
 MiB = 1 << 20
@@ -214,11 +213,7 @@ def _serve_record(sock: Path) -> state.VmRecord:
 
 def _killed(rec: state.VmRecord) -> None:
     """rec's owner is now a process that no longer exists (a server killed -9)."""
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    rec.pid = pid
+    rec.pid = dead_pid()
     state.write_record(rec)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from fcvm import paths, state
 from fcvm.errors import StateError
+from tests.conftest import dead_pid
 
 pytestmark = pytest.mark.unit
 
@@ -37,14 +38,6 @@ def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FCVM_BASE_DIR", str(tmp_path))
     REAPED.clear()
     return tmp_path
-
-
-def dead_pid() -> int:
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    return pid
 
 
 def make(name: str) -> state.VmRecord:
