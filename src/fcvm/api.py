@@ -145,10 +145,9 @@ def _not_started(exc: RemoteProcessError, argv: tuple[str, ...], stdio: BufferSt
     return Completed(argv, exc.exit_code, bytes(stdio.stdout), stderr)
 
 
-def _timeout(timeout: float | None) -> float | None:
+def _check_timeout(timeout: float | None) -> None:
     if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
         raise UsageError(f"timeout={timeout!r}: a number of seconds above 0 (or None)")
-    return timeout
 
 
 def _strings(option: str, value: object) -> list[str]:
@@ -351,7 +350,7 @@ class AsyncVM:
     ) -> Completed:  # fmt: skip
         """Run command in the container (with vm=True: in the guest OS) and wait for it."""
         argv = _argv(command)
-        _timeout(timeout)
+        _check_timeout(timeout)
         if not argv:
             raise UsageError("exec needs a command")
         data = input.encode() if isinstance(input, str) else input
@@ -446,7 +445,7 @@ async def run_async(
 
     data = input.encode() if isinstance(input, str) else input
     plan = _plan(image, command, options, interactive=data is not None)
-    _timeout(timeout)
+    _check_timeout(timeout)
     stdio = BufferStdio(input=data)
 
     async def go() -> int:

@@ -474,9 +474,11 @@ def collect_garbage() -> list[str]:
         for path in Path("/tmp").iterdir():
             if m := _RUNROOT.fullmatch(path.name):
                 found.append((path, int(m.group("pid"))))
+    from fcvm.state import process_start_time
+
     removed = []
     for path, pid in found:
-        if _pid_alive(pid):
+        if process_start_time(pid) is not None:  # (its run is still at it)
             continue
         if path.is_dir() and not path.is_symlink():
             _remove_tree(path)
@@ -484,16 +486,6 @@ def collect_garbage() -> list[str]:
             path.unlink(missing_ok=True)
         removed.append(str(path))
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _MNT_DETACH = 2
