@@ -3,12 +3,12 @@
 
     python bench/bench_volumes.py [--size-mib 256] [--files 2000] [--entries 10000]
                                   [--calls 2000] [--reps 1] [--cpus 1] [--mem 2048]
-                                  [--skip-no-writeback] [--compare-readahead-kb 128]
+                                  [--skip-writeback] [--compare-readahead-kb 128]
                                   [--profile]
 
-One VM per cache mode (`writeback`, then `no_writeback`: FCVM_NO_WRITEBACK_CACHE=1 in
-this process, which is the fcvm process: the VM is started with the Python API, so its
-VolumeServer threads run here). Its container runs `sleep MARKER` with
+One VM per cache mode (`no_writeback`, fcvm's default, then `writeback`:
+FCVM_WRITEBACK_CACHE=1 in this process, which is the fcvm process: the VM is started
+with the Python API, so its VolumeServer threads run here). Its container runs `sleep MARKER` with
 `--map HOSTDIR:/data`. Every workload is one `python3` process in the VM's namespace
 (`exec --vm`, bench/fsworker.py), on the map as `/proc/PID/root/data` (PID: the
 container's sleep; the map is mounted in the container's mount namespace) and on the
@@ -247,16 +247,17 @@ def bench_host(native: Path, args: argparse.Namespace) -> dict[str, Any]:
 def bench_vm(mode: str, backing: Path, host: dict[str, Any], args: argparse.Namespace,
              stats: ServerStats) -> dict[str, Any]:  # fmt: skip
     marker = str(900000 + os.getpid() % 99999)
-    if mode == "no_writeback":
-        os.environ["FCVM_NO_WRITEBACK_CACHE"] = "1"
+    os.environ.pop("FCVM_NO_WRITEBACK_CACHE", None)
+    if mode == "writeback":
+        os.environ["FCVM_WRITEBACK_CACHE"] = "1"
     else:
-        os.environ.pop("FCVM_NO_WRITEBACK_CACHE", None)
+        os.environ.pop("FCVM_WRITEBACK_CACHE", None)
     t0 = time.perf_counter()
     vm = fcvm.start(IMAGE, ["sleep", marker], name=f"{PREFIX}{mode}", cpus=args.cpus,
                     mem=args.mem, maps=[f"{backing}:/data"], snapshot=False)  # fmt: skip
     out: dict[str, Any] = {"vm_start_s": round(time.perf_counter() - t0, 2)}
     try:
-        os.environ.pop("FCVM_NO_WRITEBACK_CACHE", None)
+        os.environ.pop("FCVM_WRITEBACK_CACHE", None)
         rec = records(f"{PREFIX}{mode}", exact=True)
         if not rec:
             raise RuntimeError(f"{PREFIX}{mode} is not in fcvm ls")
@@ -393,7 +394,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--mem", type=int, default=2048, help="guest MiB (its /tmp holds the file)")
-    ap.add_argument("--skip-no-writeback", action="store_true")
+    ap.add_argument("--skip-writeback", action="store_true",
+                    help="only fcvm's default (no writeback cache)")  # fmt: skip
     ap.add_argument(
         "--compare-readahead-kb",
         type=int,
@@ -419,7 +421,7 @@ def main() -> int:
         native.mkdir()
         out["host_fs"] = host_worker("fstype", base)
         out["host_native"] = bench_host(native, args)
-        modes = ["writeback"] + ([] if args.skip_no_writeback else ["no_writeback"])
+        modes = ["no_writeback"] + ([] if args.skip_writeback else ["writeback"])
         for mode in modes:
             backing = base / f"map-{mode}"
             backing.mkdir()

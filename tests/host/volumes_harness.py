@@ -112,7 +112,7 @@ def serve_mount(
     mnt: Path,
     *,
     read_only: bool = False,
-    writeback: bool = True,
+    writeback: bool = False,  # (fcvm's default; see volumes.server.writeback_from_env)
     **server_kw: object,
 ) -> Iterator[Mount]:
     backing.mkdir(parents=True, exist_ok=True)

@@ -145,3 +145,24 @@ def test_the_soft_fd_limit_is_raised_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(("env", "want"), [
+    ({}, False),
+    ({"FCVM_WRITEBACK_CACHE": "1"}, True),
+    ({"FCVM_WRITEBACK_CACHE": "0"}, False),
+    ({"FCVM_WRITEBACK_CACHE": "1", "FCVM_NO_WRITEBACK_CACHE": "1"}, False),
+    ({"FCVM_NO_WRITEBACK_CACHE": "0", "FCVM_WRITEBACK_CACHE": "yes"}, True),
+])  # fmt: skip
+def test_the_writeback_cache_is_opt_in(tmp_path: Path, monkeypatch: Any, env: dict[str, str],
+                                       want: bool) -> None:  # fmt: skip
+    """A VM's maps run without the writeback cache unless FCVM_WRITEBACK_CACHE asks for
+    it; FCVM_NO_WRITEBACK_CACHE=1 keeps it off. Read-only maps never have it."""
+    monkeypatch.setattr("fcvm.vmm.qemu.qemu_binary", lambda: "qemu-system-x86_64")
+    for name in ("FCVM_WRITEBACK_CACHE", "FCVM_NO_WRITEBACK_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    maps = (VolumeMap(tmp_path, "/a"), VolumeMap(tmp_path, "/b", read_only=True))
+    servers = VolumeServers(maps, QemuVmm(config(tmp_path)))
+    assert [s.writeback for s in servers.servers] == [want, False]

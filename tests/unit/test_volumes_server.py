@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_init_negotiation(tmp_path: Path) -> None:
-    c = RawClient(VolumeServer(tmp_path, writeback=False))
+    c = RawClient(VolumeServer(tmp_path))  # (no writeback cache: fcvm's default)
     assert c.call(p.Op.GETATTR, bytes(16)).error == -errno.EIO  # before INIT
     r = c.call(p.Op.INIT, p.INIT_IN_COMPAT.pack(8, 0, 0, 0))  # a newer major: ours only
     assert r.error == 0 and struct.unpack_from("<II", r.body) == (7, p.OUR_MINOR)
@@ -47,7 +47,7 @@ def test_old_kernels_are_refused(tmp_path: Path) -> None:
 
 
 def test_only_flags_the_kernel_offers(tmp_path: Path) -> None:
-    c = RawClient(VolumeServer(tmp_path))
+    c = RawClient(VolumeServer(tmp_path, writeback=True))
     r = c.call(p.Op.INIT, init_body(flags=p.POSIX_LOCKS | p.WRITEBACK_CACHE))
     assert struct.unpack_from("<I", r.body, 12)[0] == p.POSIX_LOCKS | p.WRITEBACK_CACHE
     c.close()

@@ -45,7 +45,7 @@ class VolumeServers:
     """Serving a Machine's maps; start() once the VMM exists, stop() undoes it."""
 
     def __init__(self, maps: tuple[VolumeMap, ...], vmm: Vmm) -> None:
-        from fcvm.volumes.server import DEFAULT_MAX_HANDLES, DEFAULT_MAX_NODES, VolumeServer
+        from fcvm.volumes.server import DEFAULT_MAX_HANDLES, DEFAULT_MAX_NODES, writeback_from_env
 
         self.maps = maps
         soft = raise_fd_limit()
@@ -54,12 +54,17 @@ class VolumeServers:
         share = max(96, (soft - FD_RESERVE) // max(1, len(maps)))
         handles = max(16, min(DEFAULT_MAX_HANDLES, share // 8))
         nodes = max(64, min(DEFAULT_MAX_NODES, share - handles))
-        self.servers = [
-            VolumeServer(m.host, read_only=m.read_only, max_nodes=nodes, max_handles=handles)
-            for m in maps
-        ]
+        writeback = writeback_from_env()
+        self.servers = [self._server(m, writeback, nodes, handles) for m in maps]
         self.endpoints: list[StreamEndpoint] = [vmm.map_endpoint(i) for i in range(len(maps))]
         self._threads: list[threading.Thread] = []
+
+    @staticmethod
+    def _server(m: VolumeMap, writeback: bool, nodes: int, handles: int) -> VolumeServer:
+        from fcvm.volumes.server import VolumeServer
+
+        return VolumeServer(m.host, read_only=m.read_only, writeback=writeback,
+                            max_nodes=nodes, max_handles=handles)  # fmt: skip
 
     def start(self) -> None:
         for i, (m, server, endpoint) in enumerate(zip(self.maps, self.servers, self.endpoints,

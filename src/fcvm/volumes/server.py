@@ -63,9 +63,19 @@ def fd_budget(max_nodes: int, max_handles: int) -> tuple[int, int]:
     return max(32, min(max_nodes, budget - handles)), handles
 
 
-def writeback_from_env(requested: bool) -> bool:
-    """FCVM_NO_WRITEBACK_CACHE=1 (any value but "" or "0") turns the cache off."""
-    return requested and os.environ.get("FCVM_NO_WRITEBACK_CACHE", "") in ("", "0")
+def writeback_from_env() -> bool:
+    """Whether a --map offers the guest the writeback cache: only when
+    FCVM_WRITEBACK_CACHE=1 asks for it, and never with FCVM_NO_WRITEBACK_CACHE=1 (any
+    value but "" or "0" counts). Off by default because under it the guest kernel keeps
+    its own idea of a file's size and places appends at the end it knows: a host process
+    appending to or truncating a file the container writes has its data overwritten (a
+    shared log, logrotate's copytruncate), and `tail -f` in the container never sees
+    what the host appends. Without it every write is on the host when it returns."""
+
+    def on(name: str) -> bool:
+        return os.environ.get(name, "") not in ("", "0")
+
+    return on("FCVM_WRITEBACK_CACHE") and not on("FCVM_NO_WRITEBACK_CACHE")
 
 
 class _Ops(EntryOps, FileOps):
@@ -78,8 +88,7 @@ class VolumeServer:
     read_only: every modifying request fails with EROFS here, whatever the guest's
       mount says.
     writeback: offer the guest kernel FUSE_WRITEBACK_CACHE (buffered writes reach the
-      host at fsync/close/writeback, not at write(2)); FCVM_NO_WRITEBACK_CACHE=1 in the
-      environment turns it off.
+      host at fsync/close/writeback, not at write(2)); fcvm passes writeback_from_env().
     max_nodes / max_handles: caps on inodes the guest may hold (each an O_PATH fd) and
       on open files; past them the guest gets ENFILE / EMFILE. Lowered to fit the
       RLIMIT_NOFILE soft limit (fd_budget); the effective values are attributes.
@@ -90,7 +99,7 @@ class VolumeServer:
         root: Path,
         *,
         read_only: bool = False,
-        writeback: bool = True,
+        writeback: bool = False,
         max_nodes: int = DEFAULT_MAX_NODES,
         max_handles: int = DEFAULT_MAX_HANDLES,
     ) -> None:
@@ -98,7 +107,7 @@ class VolumeServer:
         if not self.root.is_dir():
             raise NotADirectoryError(f"{self.root} is not a directory")
         self.read_only = read_only
-        self.writeback = writeback_from_env(writeback) and not read_only
+        self.writeback = writeback and not read_only
         self.max_nodes, self.max_handles = fd_budget(max_nodes, max_handles)
         self.ownership = Ownership.current()
         self.end_reason: str | None = None  # why serve() returned, once it has
