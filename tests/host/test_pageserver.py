@@ -384,6 +384,10 @@ def test_cli_serve_and_sigterm(tmp_path: Path) -> None:
         assert "serve-cli" in fcvm("ls", env=env, check=True).stdout
         dup = fcvm("snapshot", "serve", "cli", env=env)
         assert dup.returncode == 125 and "already being served" in dup.stderr
+        # Served is in use: clones of this server map its memory file.
+        rm = fcvm("snapshots", "rm", "cli", env=env)
+        assert rm.returncode == 125 and "in use" in rm.stderr, rm.stderr
+        assert (snap / "memory").exists()
         assert_all_bytes_right(run_driver(sock, snap / "memory", "--pattern", "random"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -393,3 +397,18 @@ def test_cli_serve_and_sigterm(tmp_path: Path) -> None:
     assert not sock.exists()
     assert not any((base / "vms").glob("*/vm.json"))
     assert (snap / "workingset").exists()
+
+
+def test_cli_serve_refuses_the_image_cache_s_snapshots(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    env = {"FCVM_BASE_DIR": str(base)}
+    snap = base / "snapshots" / "cache-0123456789ab"
+    snap.mkdir(parents=True)
+    make_memory(snap / "memory", MiB)
+    (snap / "meta.json").write_text(json.dumps({"name": snap.name, "kind": "prestart"}))
+    proc = fcvm("snapshot", "serve", snap.name, env=env)
+    assert proc.returncode == 125, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"fcvm: snapshot {snap.name!r} is a prestart snapshot of the image cache, not one of "
+        "a VM (fcvm snapshot create makes those)"
+    ]

@@ -439,3 +439,53 @@ def test_snapshots_of_one_machine_never_overlap(tmp_path: Path) -> None:
     one = ["quiesce", "pause", "save {}", "resume-vm", "release"]
     assert events in ([e.format("a") for e in one] + [e.format("b") for e in one],
                       [e.format("b") for e in one] + [e.format("a") for e in one])  # fmt: skip
+
+
+def test_a_snapshot_cancelled_while_saving_still_resumes_the_vm_after_the_save(
+    tmp_path: Path,
+) -> None:
+    """`fcvm snapshot create` interrupted (its client gone, so the owner's handler is
+    cancelled) while the VMM saves: the save runs to its end, then the VM and the
+    session resume, then the cancellation goes on. Resuming while the save thread still
+    ran left the VM paused for good (QEMU pauses again when its migration completes)."""
+    from fcvm.machine.snapshots import snapshot
+    from fcvm.vmm.base import Capabilities, SnapshotFiles
+
+    events: list[str] = []
+
+    class SnapVmm:
+        name = "fake"
+        capabilities = Capabilities(accel="tcg", snapshot=True, restore=True)
+
+        def pause(self) -> None:
+            events.append("pause")
+
+        def resume(self) -> None:
+            events.append("resume-vm")
+
+        def save_snapshot(self, files: SnapshotFiles, *, base: Any = None) -> None:
+            events.append("save-begins")
+            time.sleep(0.2)  # in a worker thread, as the real save
+            events.append("save-ends")
+
+    class QuiescingSession:
+        async def quiesce(self) -> None:
+            events.append("quiesce")
+
+        async def resume(self) -> None:
+            events.append("release")
+
+    async def main() -> None:
+        m = Machine(spec(tmp_path), parts=fake_parts(Log())[0])
+        m.vmm = SnapVmm()  # type: ignore[assignment]
+        m._session = QuiescingSession()  # type: ignore[assignment]
+        m.phase = Phase.RUNNING
+        task = asyncio.ensure_future(snapshot(m, SnapshotFiles(tmp_path / "a", tmp_path / "s")))
+        while "save-begins" not in events:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    arun(main())
+    assert events == ["quiesce", "pause", "save-begins", "save-ends", "resume-vm", "release"]

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -197,11 +198,42 @@ def test_snapshot_create_bad_input(snapshot: str) -> None:
     for args, needle in (
         (["no-such-vm", "--tag", "x"], "no running VM named"),
         ([SOURCE, "--tag", "bad/name"], "invalid snapshot name"),
+        ([SOURCE, "--tag", "cache-mine"], "belong to the image cache"),
         ([SOURCE, "--tag", snapshot], "exists already"),
     ):
         proc = fcvm("snapshot", "create", *args)
         assert proc.returncode == 125 and needle in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("how", ["kill-9", "sigint"])
+def test_an_interrupted_snapshot_create_leaves_the_vm_running(snapshot: str, how: str) -> None:
+    """`fcvm snapshot create` killed, or interrupted, while its VM is being saved: the
+    save finishes in the VM's owner, the VM resumes and keeps working, and nothing of
+    the snapshot is kept. (The VM used to stay paused for good.)"""
+    from fcvm import paths
+
+    tag = f"t-clone-int-{how}"
+    root = paths.snapshots_dir()
+    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "snapshot", "create", SOURCE,
+                             "--tag", tag], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(root.glob(f".tmp-{tag}*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(root.glob(f".tmp-{tag}*")), "the save never began"
+        proc.send_signal(signal.SIGKILL if how == "kill-9" else signal.SIGINT)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = fcvm("exec", "--name", SOURCE, "--", "cat", "/tmp/marker", timeout=60)
+    assert (done.returncode, done.stdout) == (0, "before-snapshot\n"), done.stderr
+    deadline = time.monotonic() + 30
+    while any(root.glob(f"*{tag}*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(root.glob(f"*{tag}*"))
 
 
 @pytest.mark.usefixtures("no_leftovers")

@@ -140,12 +140,13 @@ def _create(args: argparse.Namespace) -> int:
     from fcvm import state
     from fcvm.errors import StateError, UsageError
     from fcvm.machine.client import connect
+    from fcvm.session import SessionClosed
     from fcvm.session.control import RequestFailed
-    from fcvm.snapshot.layout import validate_name
+    from fcvm.snapshot.layout import validate_new_name
 
     if (args.vm is None) == (args.pid is None):
         raise UsageError("name the VM or give --pid PID (one of them)")
-    validate_name(args.tag)
+    validate_new_name(args.tag)
     state.reap_stale()
     rec = state.find(name=args.vm, pid=args.pid)
     if rec.status != "running":
@@ -157,6 +158,9 @@ def _create(args: argparse.Namespace) -> int:
             return await session.requests.call("snapshot", 600, name=args.tag)
         except RequestFailed as exc:
             raise StateError(str(exc)) from None
+        except SessionClosed:  # (its owner killed, or the VM stopped, meanwhile)
+            raise StateError(f"VM {rec.name!r} went away before snapshot {args.tag!r} was "
+                             "written; nothing was kept") from None  # fmt: skip
         finally:
             await session.close()
 

@@ -163,7 +163,7 @@ class Machine:
         self.phase = Phase.STOPPED
         undo = asyncio.ensure_future(self._undo.aclose())
         try:
-            await _settled(undo)
+            await settled(undo)
         finally:
             undo.result()
 
@@ -382,7 +382,7 @@ class Machine:
                 t.cancel()
             # Let them finish unwinding before anyone tears down what they use (a
             # session half-opened when the VMM is killed would complain of it).
-            await _settled(task, watch)
+            await settled(task, watch)
 
     async def _watch_vmm(self) -> None:
         while True:
@@ -406,7 +406,7 @@ def held_record(record: state.VmRecord, *reapers: state.Reaper) -> Iterator[stat
         state.remove(record.vm_id)
 
 
-async def _settled(*tasks: asyncio.Future[Any]) -> None:
+async def settled(*tasks: asyncio.Future[Any]) -> None:
     """Wait until tasks are done, even through a cancellation of the waiter (re-raised)."""
     cancelled = False
     while not all(t.done() for t in tasks):

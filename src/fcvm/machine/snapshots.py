@@ -57,7 +57,21 @@ async def _quiesced_save(
     machine: Machine, files: SnapshotFiles, base: SnapshotFiles | None, saved: dict[str, str]
 ) -> None:
     """Quiesce, pause, save, resume (the session is the Machine's current one: a
-    snapshot before may have replaced it)."""
+    snapshot before may have replaced it). Never left half done: cancelled meanwhile
+    (`fcvm snapshot create` interrupted, its client gone), the save still finishes and
+    the VM and its session resume before the cancellation goes on. (Resuming at once
+    would not do: the save thread cannot be stopped, and QEMU pauses the VM again when
+    its migration completes.)"""
+    from fcvm.machine.machine import settled
+
+    task = asyncio.ensure_future(_pause_save_resume(machine, files, base, saved))
+    await settled(task)
+    task.result()
+
+
+async def _pause_save_resume(
+    machine: Machine, files: SnapshotFiles, base: SnapshotFiles | None, saved: dict[str, str]
+) -> None:
     from fcvm.machine import disks
 
     vmm, session = machine.vmm, machine.session
@@ -101,12 +115,12 @@ async def save_named(machine: Machine, name: str) -> dict[str, Any]:
     """`fcvm snapshot create`: a named snapshot of the VM (it goes on running)."""
     from fcvm.errors import FcvmError
     from fcvm.snapshot import cache, store
-    from fcvm.snapshot.layout import KIND_NAMED, SnapshotMeta, layout, validate_name
+    from fcvm.snapshot.layout import KIND_NAMED, SnapshotMeta, layout, validate_new_name
     from fcvm.vmm import registry
 
     try:
         refuse_maps(machine)
-        snap = layout(validate_name(name))
+        snap = layout(validate_new_name(name))
         if snap.dir.exists():
             raise StateError(
                 f"a snapshot named {name!r} exists already",

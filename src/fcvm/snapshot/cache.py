@@ -31,6 +31,7 @@ from fcvm.errors import UsageError
 from fcvm.snapshot import store
 from fcvm.snapshot.layout import (
     CACHE_KINDS,
+    CACHE_PREFIX,
     META_VERSION,
     SnapshotError,
     SnapshotLayout,
@@ -42,7 +43,7 @@ from fcvm.snapshot.layout import (
 
 logger = log.get("snapshot.cache")
 
-PREFIX = "cache-"
+PREFIX = CACHE_PREFIX
 DEFAULT_LIMIT = 10 << 30
 KEY_CHARS = 24
 

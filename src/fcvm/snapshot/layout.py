@@ -40,6 +40,7 @@ KIND_PRESTART = "prestart"  # image cache: the container created, held at its ga
 KIND_STARTUP = "startup"  # image cache: the container running and healthy
 KIND_NAMED = "named"  # `fcvm snapshot create --tag NAME`
 CACHE_KINDS = (KIND_PRESTART, KIND_STARTUP)
+CACHE_PREFIX = "cache-"  # the image cache's entries are cache-<key> (snapshot/cache.py)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -57,6 +58,19 @@ def validate_name(name: str) -> str:
         raise SnapshotError(
             f"invalid snapshot name {name!r}",
             hint="1-64 characters: letters, digits, '_', '.', '-'; starting with a letter or digit",
+        )
+    return name
+
+
+def validate_new_name(name: str) -> str:
+    """A name for `fcvm snapshot create`: valid, and not one the image cache could take
+    (it replaces whatever holds its own name)."""
+    validate_name(name)
+    if name.startswith(CACHE_PREFIX):
+        raise SnapshotError(
+            f"invalid snapshot name {name!r}: names starting with {CACHE_PREFIX!r} belong "
+            "to the image cache",
+            hint="pick another name",
         )
     return name
 

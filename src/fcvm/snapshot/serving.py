@@ -56,10 +56,15 @@ def serve_snapshot(
     """Serve snapshot `name` until SIGINT/SIGTERM (VMs still attached are filled in
     first; a second signal stops at once). on_ready gets the server's pid, socket, ..."""
     from fcvm.machine import held_record
-    from fcvm.snapshot import layout, uffd
+    from fcvm.snapshot import layout, store, uffd
     from fcvm.snapshot.pageserver import PageServer
 
-    snap, _meta = layout.open_snapshot(name)
+    snap, meta = layout.open_snapshot(name)
+    if meta.kind in layout.CACHE_KINDS:  # (as `snapshot run` says)
+        raise layout.SnapshotError(
+            f"snapshot {snap.name!r} is a {meta.kind} snapshot of the image cache, not one "
+            "of a VM (fcvm snapshot create makes those)"
+        )
     if not snap.memory.is_file():
         raise layout.SnapshotError(f"snapshot {snap.name!r} has no memory file ({snap.memory})")
     # The VMs a user's fcvm starts create their userfaultfd as that user: say now, in
@@ -90,6 +95,12 @@ def serve_snapshot(
             raise FcvmError(
                 f"snapshot {snap.name!r} is already being served{pid} ({sock_path})"
             ) from None
+        # Held in use while served, as by a VM restored from it: `fcvm snapshots rm` and
+        # prune leave it alone (the clones this server feeds map its memory file).
+        held = store.lease(snap.name)
+        if held is None:
+            raise layout.SnapshotNotFound(f"snapshot {snap.name!r} is being removed")
+        stack.callback(held.release)
         server = PageServer(snap.memory, sock_path, block_size=block_size, prefetch=prefetch,
                             record=record_workingset, workingset_path=snap.workingset)  # fmt: skip
         stack.callback(server.close)
