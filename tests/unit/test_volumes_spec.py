@@ -27,6 +27,16 @@ def test_forms(tmp_path: Path) -> None:
     assert parse_maps([]) == ()
 
 
+def test_outer_guest_paths_come_first(tmp_path: Path) -> None:
+    """Mounted in this order, a map inside another's guest path is on top of it however
+    the user ordered them (podman sorts its mounts the same way); otherwise as given."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (a, b, c):
+        d.mkdir()
+    maps = parse_maps([f"{a}:/data/in/deep,{b}:/data/in", f"{c}:/data", f"{a}:/z"])
+    assert [m.guest for m in maps] == ["/data", "/z", "/data/in", "/data/in/deep"]
+
+
 def test_relative_host_path_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "d").mkdir()
     monkeypatch.chdir(tmp_path)

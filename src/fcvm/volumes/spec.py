@@ -72,8 +72,10 @@ def parse_map(item: str) -> VolumeMap:
 
 
 def parse_maps(values: Iterable[str]) -> tuple[VolumeMap, ...]:
-    """Every --map value (each possibly comma-separated), in order, without duplicate
-    guest paths."""
+    """Every --map value (each possibly comma-separated), without duplicate guest paths,
+    outer guest paths first (as podman orders mounts): mounted in this order, a map
+    inside another's guest path (/data/in within /data) is on top whichever way round
+    they were given."""
     out: list[VolumeMap] = []
     seen: dict[str, str] = {}
     for value in values:
@@ -88,4 +90,4 @@ def parse_maps(values: Iterable[str]) -> tuple[VolumeMap, ...]:
                 )
             seen[vm.guest] = item
             out.append(vm)
-    return tuple(out)
+    return tuple(sorted(out, key=lambda m: m.guest.count("/")))  # (stable: else as given)
