@@ -14,7 +14,11 @@ the container runs, SIGINT/SIGTERM/SIGHUP stop the VM (exit 128+N). Once it runs
 first one is forwarded to the container's process and fcvm exits with the
 container's own code when it ends; a second signal, or the container not ending
 within the plan's stop_timeout (podman's --stop-timeout, 10 s), stops the VM
-(exit 128+N). Output whose reader went away (`| head`) stops the VM at once (141).
+(exit 128+N). The same signal again within DUPLICATE_SECONDS is the first one passed
+on twice (a wrapper such as `timeout --foreground` forwards the terminal's Ctrl-C that
+fcvm also got), not a second. SIGUSR1, SIGUSR2, SIGQUIT and SIGALRM are only forwarded
+(reload, log reopening): they never stop the VM. Output whose reader went away
+(`| head`) stops the VM at once (141).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from fcvm.volumes.spec import VolumeMap
 logger = log.get("container")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PROXY_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT, signal.SIGALRM)
+DUPLICATE_SECONDS = 0.3
 IMAGES_DRIVE = "images"  # the prebuilt image store (read-only ext4)
 ARCHIVE_DRIVE = "image-archive"  # the image as an OCI/docker archive (read-only)
 STORAGE_DRIVE = "storage"  # podman's storage: the container's writable layer (private)
@@ -83,6 +89,7 @@ class ContainerRun:
         self.machine: Machine | None = None
         self.process: RemoteProcess | None = None
         self._signalled: int | None = None
+        self._signalled_at = 0.0  # (loop time)
         self._stopping = False  # the run was cancelled to stop the VM: ignore more signals
         self._pending: asyncio.Future[None] | None = None
         self._health = asyncio.Event()
@@ -176,6 +183,9 @@ class ContainerRun:
         if self.forward_signals:
             for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, self._on_signal, sig, main)
+                installed.append(sig)
+            for sig in PROXY_SIGNALS:
+                loop.add_signal_handler(sig, self._proxy_signal, sig)
                 installed.append(sig)
         try:
             return await self._run()
@@ -320,9 +330,13 @@ class ContainerRun:
     def _on_signal(self, signum: int, main: asyncio.Task[Any]) -> None:
         if self._stopping:
             return
+        loop = asyncio.get_running_loop()
+        if signum == self._signalled and loop.time() - self._signalled_at < DUPLICATE_SECONDS:
+            logger.debug("signal %d again at once: taken as the same one", signum)
+            return
         proc = self.process
         first = self._signalled is None
-        self._signalled = signum
+        self._signalled, self._signalled_at = signum, loop.time()
         if first and proc is not None and proc.exit_code is None:
             # podman's --sig-proxy: the container decides what the signal means.
             logger.info("signal %d: forwarded to the container", signum)
@@ -330,6 +344,16 @@ class ContainerRun:
             asyncio.get_running_loop().call_later(self.plan.stop_timeout, self._stop, main)
             return
         self._stop(main)
+
+    def _proxy_signal(self, signum: int) -> None:
+        """A signal only passed on to the container's process (none before it runs)."""
+        proc = self.process
+        if proc is None or proc.exit_code is not None or self._stopping:
+            logger.info("signal %d: the container is not running; ignored", signum)
+            return
+        logger.info("signal %d: forwarded to the container", signum)
+        task = asyncio.ensure_future(proc.signal(signum))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (best effort)
 
     def _reader_gone(self) -> None:
         """fcvm's output has no reader any more (`fcvm podman run ... | head`): the run

@@ -108,20 +108,28 @@ def test_two_vms_at_once_and_ls_json(test_image: str) -> None:
 
 def test_sigterm_is_forwarded_and_the_container_decides(test_image: str) -> None:
     """podman's --sig-proxy: a container that traps SIGTERM and exits 7 makes fcvm exit 7,
-    and nothing but the container's own output is printed."""
-    script = 'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 0.1; done'
+    and nothing but the container's own output is printed. SIGUSR1 and SIGUSR2 are
+    passed on too (they killed fcvm), and a SIGTERM that arrives twice at once (a
+    wrapper passing on what fcvm also got) is one signal, not a stop of the VM."""
+    script = ('trap "echo got USR1" USR1; trap "echo got USR2" USR2; '
+              'trap "echo got TERM; sleep 1; exit 7" TERM; '
+              'echo ready; while :; do sleep 0.1; done')  # fmt: skip
     p = _start("t-sigfwd", test_image, "sh", "-c", script)
     try:
         _wait_healthy("t-sigfwd")
         assert p.stdout is not None
         # (healthy = started: the shell may not have reached its trap yet)
         first = p.stdout.readline()
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            p.send_signal(sig)
+            first += p.stdout.readline()
+        p.send_signal(signal.SIGTERM)
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
-    assert (p.returncode, first + out, err) == (7, "ready\ngot TERM\n", "")
+    assert (p.returncode, first + out, err) == (7, "ready\ngot USR1\ngot USR2\ngot TERM\n", "")
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
