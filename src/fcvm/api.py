@@ -158,6 +158,17 @@ def _strings(option: str, value: object) -> list[str]:
     return [str(v) for v in items]
 
 
+def _input(data: bytes | str | None) -> bytes | None:
+    """stdin: bytes-like (kept as given), or str (UTF-8)."""
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    raise UsageError(f"input is bytes or str, not {type(data).__name__}")
+
+
 def _env(env: Mapping[str, str] | Sequence[str] | None) -> tuple[tuple[str, str], ...]:
     if env is None:
         return ()
@@ -181,6 +192,12 @@ def _plan(image: str, command: Command, options: VmOptions, *, interactive: bool
     unknown = set(options) - set(VmOptions.__annotations__)
     if unknown:
         raise UsageError(f"unknown option {sorted(unknown)[0]!r}")
+    if not isinstance(image, str):
+        raise UsageError(f"image is a string (a reference or an archive path), not "
+                         f"{type(image).__name__}")  # fmt: skip
+    for key in ("name", "network", "health_check", "vmm"):
+        if options.get(key) is not None and not isinstance(options.get(key), str):
+            raise UsageError(f"{key} is a string, not {type(options.get(key)).__name__}")
     network = options.get("network", "rootless")
     if network not in ("rootless", "bridged"):
         raise UsageError(f"unknown network mode {network!r} (use rootless or bridged)")
@@ -353,7 +370,7 @@ class AsyncVM:
         _check_timeout(timeout)
         if not argv:
             raise UsageError("exec needs a command")
-        data = input.encode() if isinstance(input, str) else input
+        data = _input(input)
         result = await runtime().acall(self._core.exec(
             argv, input=data, env=_env(env), cwd=cwd, user=user, timeout=timeout, in_vm=vm,
         ))  # fmt: skip
@@ -443,7 +460,7 @@ async def run_async(
     `input` is its stdin; `timeout` (seconds) stops the VM and raises ExecTimeout."""
     from fcvm.container import ContainerRun
 
-    data = input.encode() if isinstance(input, str) else input
+    data = _input(input)
     plan = _plan(image, command, options, interactive=data is not None)
     _check_timeout(timeout)
     stdio = BufferStdio(input=data)

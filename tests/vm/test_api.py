@@ -58,6 +58,7 @@ def test_exec_stdin_bytes(vm: fcvm.VM) -> None:
     import hashlib
 
     assert r.stdout_text.split()[0] == hashlib.md5(data).hexdigest()
+    assert vm.exec("cat", input=bytearray(b"ba")).stdout == b"ba"  # (any bytes-like)
 
 
 def test_exec_in_the_guest_os(vm: fcvm.VM) -> None:
@@ -145,6 +146,13 @@ def test_one_shot_run_and_its_errors(test_image: str) -> None:
         fcvm.run(test_image, "true", publish="8080:80")  # type: ignore[arg-type]
     with pytest.raises(fcvm.UsageError, match="env is a mapping or a list"):
         fcvm.run(test_image, "true", env="A=1")
+    # Wrong types are UsageErrors, not AttributeErrors, and a wrong stdin type hung.
+    with pytest.raises(fcvm.UsageError, match="input is bytes or str, not int"):
+        fcvm.run(test_image, "cat", input=5)  # type: ignore[arg-type]
+    with pytest.raises(fcvm.UsageError, match="image is a string"):
+        fcvm.run(None, "true")  # type: ignore[arg-type]
+    with pytest.raises(fcvm.UsageError, match="name is a string, not int"):
+        fcvm.run(test_image, "true", name=5)  # type: ignore[typeddict-item]
     for bad in (0, -1):
         with pytest.raises(fcvm.UsageError, match="timeout"):
             fcvm.run(test_image, "true", timeout=bad)
@@ -154,6 +162,8 @@ def test_one_shot_run_and_its_errors(test_image: str) -> None:
         fcvm.run(test_image, "true", name="t-api-dup")
     with pytest.raises(fcvm.UsageError, match="timeout"):
         dup.exec("true", timeout=0)
+    with pytest.raises(fcvm.UsageError, match="input is bytes or str"):
+        dup.exec("cat", input=[1])  # type: ignore[arg-type]
     # Stopped (leaving `with`) before its container exited: wait() says so (it raised
     # a bare CancelledError).
     with pytest.raises(fcvm.StateError, match="stopped before its container exited"):
