@@ -8,6 +8,7 @@ container deletes is given back to the host's disk while the VM runs (discard)."
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -75,3 +76,24 @@ def test_deleted_files_give_their_space_back_to_the_host(test_image: str) -> Non
         assert freed >= 80 << 20, f"{freed >> 20} MiB freed of {written >> 20} MiB"
     finally:
         stop(proc)
+
+
+def test_a_full_host_disk_is_an_io_error_in_the_guest_and_a_warning(test_image: str) -> None:
+    """The disk under the base directory runs full while the container writes: the
+    guest gets I/O errors and the run ends, with a warning that names the cause. (QEMU
+    paused the VM for good instead - the run hung, fcvm ls said it was running.)"""
+    vms = Path(os.environ["FCVM_BASE_DIR"]) / "vms"
+    vms.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "fcvm-test-full", str(vms)],
+                   check=True)  # fmt: skip
+    try:
+        proc = fcvm("podman", "run", "--name", "t-store-full", "--no-snapshot", test_image,
+                    "--", "sh", "-c", "dd if=/dev/zero of=/f bs=1M count=100 2>/dev/null; "
+                    "sync; echo done", timeout=180)  # fmt: skip
+    finally:
+        subprocess.run(["umount", str(vms)], check=True)
+    assert (proc.returncode, proc.stdout) == (0, "done\n"), proc.stderr
+    assert proc.stderr.splitlines() == [
+        "fcvm: warning: the VM's disk could not be written (I/O errors in the guest): is the "
+        f"disk under {os.environ['FCVM_BASE_DIR']} full?"
+    ], proc.stderr

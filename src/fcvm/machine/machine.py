@@ -55,6 +55,8 @@ from fcvm.vmm.base import SnapshotFiles, VmConfig, Vmm
 
 logger = log.get("machine")
 
+CONSOLE_TAIL = 256 << 10  # what _warn_of_disk_errors reads of the guest's console log
+
 T = TypeVar("T")
 
 BOOT_TIMEOUT = float(os.environ.get("FCVM_BOOT_TIMEOUT", "90"))
@@ -182,6 +184,8 @@ class Machine:
             records.update(self.record, network=net.record())
             self.timings.mark("network-ready")
         await asyncio.to_thread(self._make_disks)
+        # (registered before the VMM's stop, so it runs after it)
+        undo.callback(_quietly, "check the VM's disks", self._warn_of_disk_errors)
         vmm = parts.make_vmm(spec.backend, self.vmm_config())
         self.vmm = vmm
         undo.callback(_quietly, "stop the VMM", vmm.stop)  # runs before the network's undo
@@ -250,6 +254,24 @@ class Machine:
             else:
                 disks.make_blank(dest, drive.blank_size)
             self.disks[drive.name] = dest
+
+    def _warn_of_disk_errors(self) -> None:
+        """Say it, once the VM has stopped, if its disks failed it: a write the host
+        could not make (the disk under the base directory full) is an I/O error in the
+        guest, which the container saw as EIO, or not at all (its page cache took the
+        write and the kernel failed to write it back)."""
+        if not self.disks:
+            return
+        try:
+            with open(self.workdir / "console.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - CONSOLE_TAIL))
+                tail = f.read()
+        except OSError:
+            return
+        if b"I/O error, dev vd" in tail:
+            logger.warning("the VM's disk could not be written (I/O errors in the guest): "
+                           "is the disk under %s full?", paths.base_dir())  # fmt: skip
 
     def _identity(self) -> dict[str, Any]:
         """What a guest restored from a snapshot must take on (agent/identity.py)."""

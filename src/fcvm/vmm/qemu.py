@@ -156,8 +156,11 @@ class QemuVmm(ProcessVmm):
             # A writable drive passes the guest's discards on as holes punched in its
             # file, so what a container deletes is given back to the host's disk. (The
             # virtio-blk device offers discard either way; only the backend changes,
-            # so this does not touch the device state a snapshot holds.)
-            mode = "readonly=on" if drive.read_only else "readonly=off,discard=unmap"
+            # so this does not touch the device state a snapshot holds.) A write the
+            # host cannot make (its disk full) is an I/O error in the guest: QEMU's
+            # default (werror=enospc) pauses the VM instead, and the run hung for good.
+            mode = ("readonly=on" if drive.read_only
+                    else "readonly=off,discard=unmap,werror=report,rerror=report")  # fmt: skip
             argv += [
                 "-drive",
                 f"id={drive.drive_id},file={drive.path},format=raw,if=none,{mode}",
