@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,3 +248,20 @@ def test_an_exec_client_that_vanishes_is_not_a_warning(
     lost = [r for r in caplog.records if "connection lost" in r.getMessage()]
     assert lost and "ConnectionResetError" in lost[0].getMessage()
     assert all(r.levelno == logging.DEBUG for r in lost), [r.levelname for r in lost]
+
+
+def test_process_config_is_what_podman_gave_the_container(tmp_path: Path) -> None:
+    """config.json's process: env, "UID:GID" and cwd, for `crun exec` to start from;
+    anything missing or malformed is left to crun (an empty field)."""
+    from fcvm.agent.proc_view import ProcessConfig, process_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"process": {"env": ["A=1", "B=x=y", "junk", 5],
+                                            "user": {"uid": 33, "gid": 44, "umask": 18},
+                                            "cwd": "/www"}}))  # fmt: skip
+    assert process_config(str(path)) == ProcessConfig((("A", "1"), ("B", "x=y")), "33:44", "/www")
+    path.write_text(json.dumps({"process": {"user": {"uid": "33"}, "cwd": "relative"}}))
+    assert process_config(str(path)) == ProcessConfig()
+    path.write_text("{not json")
+    assert process_config(str(path)) == ProcessConfig()
+    assert process_config(str(tmp_path / "missing")) == ProcessConfig()

@@ -268,6 +268,44 @@ def _with_health_check(name: str, url: str, *args: str) -> subprocess.Popen[str]
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def user_image(test_image: str) -> Iterator[str]:
+    """The test image with USER www-data (33) and WORKDIR /www (podman commit of a
+    created, never started container: no build, no registry)."""
+    image, tmp = "localhost/fcvm-busybox-user:latest", "t-exec-user-build"
+    subprocess.run(["podman", "rm", "-f", tmp], capture_output=True)
+    subprocess.run(["podman", "create", "--name", tmp, test_image], check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        subprocess.run(["podman", "commit", "-q", "--change", "USER www-data", "--change",
+                        "WORKDIR /www", tmp, image], check=True, capture_output=True)  # fmt: skip
+    finally:
+        subprocess.run(["podman", "rm", "-f", tmp], capture_output=True)
+    yield image
+    subprocess.run(["podman", "rmi", "-f", image], capture_output=True)
+
+
+def test_exec_runs_as_the_image_s_user_in_its_workdir(user_image: str) -> None:
+    """As `podman exec`: the container's user and working directory unless -u/-w say
+    otherwise (crun's own defaults, root in /, gave images built to run unprivileged a
+    root shell)."""
+    name = "t-exec-user"
+    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
+                             user_image, "--", "sleep", "600"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_health(name)
+        who = "id -u; id -g; pwd"
+        assert fcvm("exec", "--name", name, "--", "sh", "-c", who).stdout == "33\n33\n/www\n"
+        root = fcvm("exec", "--name", name, "-u", "0", "-w", "/tmp", "--", "sh", "-c", who)
+        assert root.stdout == "0\n0\n/tmp\n", root.stderr
+        main = fcvm("exec", "--name", name, "--", "sh", "-c", "stat -c %u /proc/1")
+        assert main.stdout == "33\n"  # (the container's own process, for comparison)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_health_check_url(test_image: str) -> None:
     name = "t-health"
     proc = _with_health_check(name, "http://127.0.0.1:8080/index.html", test_image,

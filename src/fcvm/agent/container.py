@@ -37,7 +37,13 @@ from fcvm.agent import procs
 from fcvm.agent import protocol as p
 from fcvm.agent.image import ProcError, prepare_image, run_quiet
 from fcvm.agent.maps import Maps
-from fcvm.agent.proc_view import config_env, container_pty, warm_page_cache, zombie_status
+from fcvm.agent.proc_view import (
+    ProcessConfig,
+    container_pty,
+    process_config,
+    warm_page_cache,
+    zombie_status,
+)
 from fcvm.agent.spec import ContainerSetup, ProcessSpec, command_line
 from fcvm.session import Channel, SessionClosed, fdio
 
@@ -139,9 +145,10 @@ class Container:
         self._spec: ProcessSpec | None = None
         self.entrypoint: tuple[str, ...] = ()
         self.cmd: tuple[str, ...] = ()
-        # The container's process environment as podman made it (config.json): what
-        # `crun exec` starts from (its --env replaces rather than adds).
-        self.config_env: tuple[tuple[str, str], ...] = ()
+        # The container's process settings as podman made them (config.json): what
+        # `crun exec` starts from (its --env replaces rather than adds; its user and
+        # directory would be root and /).
+        self.config = ProcessConfig()
 
     # -- files podman made for the container (rewritten by identity.py) -----------
 
@@ -167,7 +174,7 @@ class Container:
             await self._image_config(setup, ref)
             await phase("container-create")
             await self._create(setup, ref)
-            self.config_env = config_env(
+            self.config = process_config(
                 os.path.join(GRAPHROOT, "overlay-containers", self.container_id, "userdata",
                              "config.json")
             )  # fmt: skip

@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import struct
+from dataclasses import dataclass
 
 from fcvm.agent.image import ProcError
 from fcvm.procstat import stat_fields
@@ -83,13 +84,31 @@ def _elf_interpreter(path: str) -> str | None:
     return None
 
 
-def config_env(path: str) -> tuple[tuple[str, str], ...]:
+@dataclass(frozen=True)
+class ProcessConfig:
+    """What podman gave the container's process (its config.json): what `crun exec`
+    starts from, as `podman exec` does. crun's own defaults are root in /, which is not
+    what an image with USER or WORKDIR runs as."""
+
+    env: tuple[tuple[str, str], ...] = ()
+    user: str = ""  # "UID:GID", or "" if not known
+    cwd: str = ""
+
+
+def process_config(path: str) -> ProcessConfig:
     try:
         with open(path) as f:
-            env = json.load(f).get("process", {}).get("env", [])
+            proc = json.load(f).get("process", {})
+        env = proc.get("env", [])
+        user = proc.get("user", {})
+        uid, gid, cwd = user.get("uid"), user.get("gid"), proc.get("cwd", "")
     except (OSError, ValueError, AttributeError):
-        return ()
-    return tuple(tuple(e.split("=", 1)) for e in env if isinstance(e, str) and "=" in e)  # type: ignore[misc]
+        return ProcessConfig()
+    return ProcessConfig(
+        env=tuple(tuple(e.split("=", 1)) for e in env if isinstance(e, str) and "=" in e),  # type: ignore[misc]
+        user=f"{uid}:{gid}" if isinstance(uid, int) and isinstance(gid, int) else "",
+        cwd=cwd if isinstance(cwd, str) and cwd.startswith("/") else "",
+    )
 
 
 def resolve_user(pid: int, user: str) -> str:

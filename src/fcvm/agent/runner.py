@@ -38,16 +38,19 @@ def crun_exec_argv(spec: ProcessSpec, container: Container, pidfile: str, log: s
     namespaces, cgroup) are its base. crun's --env replaces the environment, so it gets
     the container's, then the run's, then the exec's own. With a console socket, crun
     makes the process a terminal in the container and sends its master there."""
-    env = dict(container.config_env)
+    config = container.config
+    env = dict(config.env)
     env.update(container.exec_env)
     env.update(spec.env)
     argv = ["crun", f"--root={CRUN_ROOT}", f"--log=file:{log}", "exec", f"--pid-file={pidfile}"]
     if console is not None:
         argv += ["--tty", f"--console-socket={console}"]
-    if spec.workdir:
-        argv.append(f"--cwd={spec.workdir}")
-    if spec.user:
-        argv.append(f"--user={resolve_user(container.pid, spec.user)}")
+    cwd = spec.workdir or config.cwd  # (as podman exec: the container's, unless -w)
+    if cwd:
+        argv.append(f"--cwd={cwd}")
+    user = resolve_user(container.pid, spec.user) if spec.user else config.user
+    if user:
+        argv.append(f"--user={user}")
     argv += [f"--env={k}={v}" for k, v in env.items()]
     return [*argv, container.container_id, *spec.argv]
 
