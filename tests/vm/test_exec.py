@@ -147,6 +147,30 @@ def test_stdin_100mb_through_the_container(service: str, tmp_path: object) -> No
     assert proc.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
 
+def test_a_killed_exec_takes_its_children_with_it(service: str) -> None:
+    """fcvm exec killed -9 (and the API's timeout, which sends SIGKILL the same way):
+    the command's whole process group is killed, a shell's background children too.
+    Only the shell went; its children lived on in the container."""
+
+    def left() -> list[str]:
+        ps = fcvm("exec", "--name", service, "--", "ps", "-o", "args").stdout
+        return [line for line in ps.splitlines() if "sleep 30" in line]
+
+    p = subprocess.Popen([sys.executable, "-m", "fcvm", "exec", "--name", service, "--",
+                          "sh", "-c", "sleep 301 & echo started; sleep 302"],
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "started\n"
+        assert len(left()) == 2
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.monotonic() + 10
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == []
+
+
 def test_stdin_eof_reaches_the_command(service: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fcvm", "exec", "-i", "--name", service, "--", "wc", "-c"],

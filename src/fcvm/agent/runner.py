@@ -361,7 +361,17 @@ class _Target:
     def signal(self, signum: int) -> None:
         if self.pidfile is not None:
             with contextlib.suppress(OSError, ValueError), open(self.pidfile) as f:
-                os.kill(int(f.read().strip()), signum)
+                pid = int(f.read().strip())
+                # The command's whole process group when crun made it a session of its
+                # own (the group of the session's leader: crun's child, which a shell's
+                # `exec` may have replaced): a shell's children go with it, as a
+                # terminal's hangup takes them. Never another group (the container's
+                # main process's, say): then the command alone.
+                pgid = os.getpgid(pid)
+                if os.getsid(pid) == pgid and pgid not in (os.getpgrp(), 0, 1):
+                    os.killpg(pgid, signum)
+                else:
+                    os.kill(pid, signum)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signum)
 
