@@ -187,8 +187,15 @@ def list_live() -> list[VmRecord]:
 
 def find(*, name: str | None = None, pid: int | None = None) -> VmRecord:
     """The live VM by name or owner pid (a page server's record is refused: it has no
-    VM to run commands in or snapshot)."""
-    for rec in list_live():
+    VM to run commands in or snapshot; so is a pid that owns several VMs, a program
+    using the Python API: which one is meant must be said)."""
+    live = list_live()
+    if name is None and pid is not None:
+        owned = sorted(r.name for r in live if r.pid == pid and r.kind != "serve")
+        if len(owned) > 1:
+            raise StateError(f"pid {pid} owns {len(owned)} VMs ({', '.join(owned)})",
+                             hint="name the VM instead (fcvm ls shows their names)")  # fmt: skip
+    for rec in live:
         if (name is not None and rec.name == name) or (pid is not None and rec.pid == pid):
             if rec.kind == "serve":
                 snapshot = rec.extra.get("snapshot", "")

@@ -64,6 +64,15 @@ def test_names_are_unique_among_live_vms_only() -> None:
     assert [r.vm_id for r in state.list_live()] == [b.vm_id]
 
 
+def test_a_pid_that_owns_several_vms_must_say_which() -> None:
+    """A program using the Python API owns all its VMs: --pid alone picked the first."""
+    make("pyA")
+    make("pyB")
+    with pytest.raises(StateError, match=r"pid \d+ owns 2 VMs \(pyA, pyB\)"):
+        state.find(pid=os.getpid())
+    assert state.find(name="pyB").name == "pyB"
+
+
 def test_a_recycled_pid_is_not_the_owner() -> None:
     a = make("x")
     a.pid_start -= 1  # same pid, another process start: not the owner
