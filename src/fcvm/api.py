@@ -38,8 +38,9 @@ from fcvm import plan as planning
 from fcvm._runtime import runtime
 from fcvm.agent import protocol as p
 from fcvm.agent.spec import ProcessSpec
-from fcvm.errors import FcvmError, StateError, UsageError
+from fcvm.errors import FcvmError, GuestError, StateError, UsageError
 from fcvm.remote import BufferStdio, RemoteProcess, RemoteProcessError
+from fcvm.session import SessionClosed
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -284,6 +285,12 @@ class _Core:
             code = await asyncio.wait_for(machine.supervise(proc.wait()), timeout)
         except RemoteProcessError as exc:
             return _not_started(exc, argv, stdio)
+        except (GuestError, SessionClosed):
+            if self.task.cancelled() or self.task.cancelling():  # stop() ended the VM
+                raise StateError(
+                    f"VM {self.plan.name!r} was stopped while the command ran"
+                ) from None
+            raise
         except TimeoutError:
             await proc.signal(signal.SIGKILL)  # (wait_for cancelled wait(): channels closed)
             partial = Completed(argv, 128 + signal.SIGKILL, bytes(stdio.stdout),

@@ -171,6 +171,30 @@ def test_one_shot_run_and_its_errors(test_image: str) -> None:
 
 
 @pytest.mark.usefixtures("no_leftovers")
+def test_stop_while_another_thread_execs(test_image: str) -> None:
+    """The exec's caller learns that the VM was stopped (a StateError), not that it
+    died unexpectedly (a GuestError naming QEMU's exit)."""
+    import threading
+
+    vm = fcvm.start(test_image, "sleep 600", name="t-api-race")
+    got: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            vm.exec("echo begin; sleep 60")
+        except BaseException as exc:  # (what it was is the point)
+            got.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(1.0)
+    vm.stop()
+    t.join(60)
+    assert len(got) == 1 and isinstance(got[0], fcvm.StateError), got
+    assert "was stopped while the command ran" in str(got[0])
+
+
+@pytest.mark.usefixtures("no_leftovers")
 def test_a_forgotten_vm_warns_and_is_stopped(test_image: str) -> None:
     vm = fcvm.start(test_image, "sleep 600", name="t-api-gc")
     with warnings.catch_warnings(record=True) as caught:
