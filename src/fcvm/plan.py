@@ -98,7 +98,8 @@ def split_env(value: str) -> list[str]:
 
 
 def parse_env(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """--env K=V[,K=V...], repeatable. A bare K takes the value from fcvm's environment.
+    """--env K=V[,K=V...], repeatable. A bare K takes the value from fcvm's environment,
+    and is left out when it is not set there (as podman does: the image's value stays).
     A comma starts a new variable only where KEY= (or, after a bare KEY, another KEY)
     follows; any other comma is the value's: NO_PROXY=localhost,127.0.0.1 is one."""
     out: list[tuple[str, str]] = []
@@ -109,7 +110,7 @@ def parse_env(values: Iterable[str]) -> tuple[tuple[str, str], ...]:
                 raise UsageError(f"malformed --env {item!r}: expected KEY=VALUE")
             if not eq:
                 if key not in os.environ:
-                    raise UsageError(f"--env {key}: not set in fcvm's environment")
+                    continue
                 val = os.environ[key]
             out.append((key, val))
     return tuple(out)

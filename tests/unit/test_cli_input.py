@@ -103,6 +103,17 @@ def test_env_commas_belong_to_values_unless_a_new_key_follows(
     assert split_env(value) == entries
 
 
+def test_a_bare_env_key_takes_fcvm_s_value_or_is_left_out(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:  # fmt: skip
+    """As podman: --env KEY passes fcvm's own KEY, and nothing when fcvm has none (the
+    image's value, if any, stays). It was an error."""
+    from fcvm.plan import parse_env
+
+    monkeypatch.setenv("FCVM_T_SET", "v")
+    monkeypatch.delenv("FCVM_T_UNSET", raising=False)
+    assert parse_env(["FCVM_T_SET,FCVM_T_UNSET", "B=2"]) == (("FCVM_T_SET", "v"), ("B", "2"))
+
+
 @pytest.mark.parametrize("value", [",A=1", "FOO,,BAR", ""])
 def test_env_empty_entries_are_refused(value: str) -> None:
     from fcvm.errors import UsageError

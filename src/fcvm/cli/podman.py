@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="K=V[,K=V...]",
         help="environment for the container (repeatable; a comma starts another "
         "variable only where KEY= follows, so NO_PROXY=a,b is one; a bare K takes "
-        "fcvm's value)",
+        "fcvm's value, if it has one)",
     )
     run.add_argument("--cpu", default="1", metavar="N", help="vCPUs (default 1)")
     run.add_argument("--mem", default="1024", metavar="MiB", help="memory in MiB (default 1024)")
