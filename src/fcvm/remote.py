@@ -86,6 +86,13 @@ class LocalStdio(Stdio):
     stdin: int | None = None  # None: the process gets /dev/null
     tty: bool = False
 
+    def __post_init__(self) -> None:
+        if self.tty and self.stdin is not None and not os.isatty(self.stdin):
+            # (podman says so too: what comes through the terminal is taken as typed,
+            # so a program that reads it in its own way may never see its end)
+            logger.warning("the input device is not a TTY: -t with -i may not work as "
+                           "expected (without -t, the input is a pipe)")  # fmt: skip
+
     @property
     def has_input(self) -> bool:
         return self.stdin is not None
