@@ -174,7 +174,11 @@ async def _write(machine: Machine, keys: Keys, kind: str, workload: dict[str, An
         )  # fmt: skip
         await asyncio.to_thread(writer.commit, meta)
     logger.info("wrote %s snapshot %s", kind, snap.name)
-    await asyncio.to_thread(cache.enforce_limit, limit)
+    removed = await asyncio.to_thread(cache.enforce_limit, limit)
+    if snap.name in removed:
+        logger.warning("the image cache's bound (%d MiB) is smaller than one snapshot: "
+                       "nothing is cached (raise FCVM_SNAPSHOT_CACHE_MAX)",
+                       limit >> 20)  # fmt: skip
     return True
 
 

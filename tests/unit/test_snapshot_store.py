@@ -228,6 +228,19 @@ def test_prune_by_age_and_lru_size(base: Path) -> None:
     assert [e.layout.name for e in cache.listing()] == ["cache-2", "named-one"]
 
 
+def test_an_entry_larger_than_the_bound_goes_alone(base: Path) -> None:
+    """A bound smaller than a new entry: that entry is removed, not first every older
+    one (they were all removed, for nothing)."""
+    cache_entries_and_a_named_one()
+    write("cache-big")
+    with open(layout("cache-big").memory, "r+b") as f:
+        f.write(os.urandom(4 << 20))
+    small = sum(store.size_on_disk(layout(f"cache-{i}").dir) for i in range(3))
+    assert cache.prune(max_bytes=small + (1 << 20)) == ["cache-big"]
+    assert sorted(e.layout.name for e in cache.listing()) == [
+        "cache-0", "cache-1", "cache-2", "named-one"]
+
+
 def test_make_room_evicts_least_recently_used_cache_entries_only_if_that_suffices(
     base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

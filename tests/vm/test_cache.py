@@ -354,6 +354,22 @@ def test_a_full_disk_costs_the_snapshot_not_the_run(test_image: str) -> None:
 
 
 @pytest.mark.usefixtures("no_leftovers")
+def test_a_bound_smaller_than_one_snapshot_is_said(test_image: str) -> None:
+    """FCVM_SNAPSHOT_CACHE_MAX below one snapshot: what is written cannot stay, and the
+    run says why nothing is cached (silently, every run wrote a snapshot and removed it).
+    (That an entry larger than the bound goes before older ones that fit is
+    test_snapshot_store.py's.)"""
+    proc, marks = run("t-c-bound", "--mem", "320", test_image, "--", "true",
+                      env={"FCVM_SNAPSHOT_CACHE_MAX": "1M"})  # fmt: skip
+    assert proc.returncode == 0 and "snapshot-saved" in marks, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "fcvm: warning: the image cache's bound (1 MiB) is smaller than one snapshot: "
+        "nothing is cached (raise FCVM_SNAPSHOT_CACHE_MAX)"
+    ]
+    assert snapshots() == []
+
+
+@pytest.mark.usefixtures("no_leftovers")
 def test_least_recently_used_entries_make_room_on_a_filesystem_of_its_own(test_image: str
                                                                           ) -> None:  # fmt: skip
     """The snapshot directory a tmpfs of its own (disks are then copied across two

@@ -241,7 +241,9 @@ def prune(
     guest assets that are gone (after `fcvm setup` rebuilt them, no run can match them
     again). Never one in use. The names removed."""
     entries = [e for e in listing() if e.meta is None or e.meta.kind in kinds]
-    entries.sort(key=lambda e: e.last_used)
+    # (an entry larger than the whole bound can never stay: it goes first, else older
+    # entries would be removed for nothing before it)
+    entries.sort(key=lambda e: (max_bytes is None or e.size <= max_bytes, e.last_used))
     removed: list[str] = []
     now = time.time()
     total = sum(e.size for e in entries)
