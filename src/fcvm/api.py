@@ -438,7 +438,13 @@ class VM:
     def wait(self, timeout: float | None = None) -> int:
         """Until the container exits (or timeout seconds: TimeoutError); its exit code.
         StateError if the VM was stopped first."""
-        return runtime().call(self._avm.wait(), timeout)
+        try:
+            return runtime().call(self._avm.wait(), timeout)
+        except TimeoutError as exc:
+            if str(exc):
+                raise
+            raise TimeoutError(f"VM {self.name!r}: its container did not exit within "
+                               f"{timeout} s (it goes on)") from None  # fmt: skip
 
     def stop(self) -> None:
         runtime().call(self._avm.stop())

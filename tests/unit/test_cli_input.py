@@ -70,6 +70,31 @@ def test_unknown_flags_point_at_their_commands_help_and_rm_is_podmans(
     assert rm.stderr == "fcvm: guest assets are not set up (run `fcvm setup`)\n"
 
 
+def test_a_missing_command_is_a_usage_error(empty_base: dict[str, str]) -> None:
+    """As podman: a bare `fcvm` (its help) and `fcvm snapshot` (one line) exit 125; they
+    exited 0 while `fcvm podman` exited 125."""
+    bare = fcvm(env=empty_base)
+    assert bare.returncode == 125 and "COMMAND" in bare.stdout
+    for group in ("snapshot", "podman"):
+        proc = fcvm(group, env=empty_base)
+        assert proc.returncode == 125
+        assert proc.stderr == ("fcvm: the following arguments are required: "
+                               f"{'SUBCOMMAND' if group == 'snapshot' else 'COMMAND'} "
+                               f"(see fcvm {group} --help)\n")  # fmt: skip
+
+
+def test_snapshots_json_before_or_after_the_subcommand(empty_base: dict[str, str]) -> None:
+    """`fcvm snapshots --json rm|prune` and `... rm|prune --json` are JSON (the parent's
+    flag was overwritten by the subcommand's default, and rm had none)."""
+    for argv in (["--json", "rm", "nosuch"], ["rm", "--json", "nosuch"]):
+        proc = fcvm("snapshots", *argv, env=empty_base)
+        assert (proc.returncode, proc.stdout) == (125, "[]\n"), proc.stderr
+        assert proc.stderr == "fcvm: no snapshot named 'nosuch'\n"
+    for argv in (["--json", "prune"], ["prune", "--json"]):
+        proc = fcvm("snapshots", *argv, env=empty_base)
+        assert (proc.returncode, proc.stdout) == (0, "[]\n"), proc.stderr
+
+
 def test_invalid_name(empty_base: dict[str, str]) -> None:
     proc = fcvm("podman", "run", "--name", "-x/y", "busybox", env=empty_base)
     assert proc.returncode == 125  # argparse rejects a leading dash itself: still 125

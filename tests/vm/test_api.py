@@ -59,6 +59,9 @@ def test_exec_stdin_bytes(vm: fcvm.VM) -> None:
 
     assert r.stdout_text.split()[0] == hashlib.md5(data).hexdigest()
     assert vm.exec("cat", input=bytearray(b"ba")).stdout == b"ba"  # (any bytes-like)
+    with pytest.raises(TimeoutError, match=r"its container did not exit within 0.1 s"):
+        vm.wait(0.1)  # (the message was empty)
+    assert vm.exec("true").exit_code == 0  # it goes on
 
 
 def test_exec_in_the_guest_os(vm: fcvm.VM) -> None:

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "FCVM_FIRECRACKER (path to firecracker), FCVM_VMM=auto|firecracker|qemu, "
         "FCVM_ASSETS_DIR (share built guest assets), FCVM_IMAGE_STORE=off (attach image "
         "archives instead of prebuilt image disks), FCVM_NO_SNAPSHOT=1 (no image cache), "
-        "FCVM_SNAPSHOT_CACHE_MAX (its size bound, e.g. 10G).",
+        "FCVM_SNAPSHOT_CACHE_MAX (its size bound, e.g. 10G), FCVM_WRITEBACK_CACHE=1 "
+        "(--map with the guest's writeback cache).",
     )
     parser.add_argument("--version", action="version", version=f"fcvm {__version__}")
     sub = parser.add_subparsers(dest="fcvm_command", metavar="COMMAND")
@@ -83,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.fcvm_command in ASYNCIO_COMMANDS:
             _import_asyncio_without_ssl()
         func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-        if func is None:
+        if func is None:  # bare `fcvm`: its help, and a usage error's code (as podman)
             parser.print_help()
-            return 0
+            return 125
         return int(func(args) or 0)
     except FcvmError as exc:
         print(f"fcvm: {exc.line()}", file=sys.stderr)

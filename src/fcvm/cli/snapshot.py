@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> None:
         "that clones can restore from. (List and remove them with fcvm snapshots.)",
     )
     p.set_defaults(func=lambda args: _group_help(p))
-    ssub = p.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND")
+    ssub = p.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND", required=True)
 
     c = ssub.add_parser("create", help="snapshot a running VM", description=CREATE_HELP)
     c.add_argument("vm", nargs="?", metavar="VM", help="the VM's name")

@@ -16,6 +16,12 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="a JSON array (for scripts)")
 
 
+def _json_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """--json on a subcommand; `fcvm snapshots --json SUBCOMMAND` means the same (the
+    subcommand's own default must not overwrite the parent's flag: SUPPRESS)."""
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=what)
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("snapshots", help="list, remove and prune snapshots",
                        description=DESCRIPTION,
@@ -29,6 +35,7 @@ def add_parser(sub: Any) -> None:
     rm = ssub.add_parser("rm", help="remove snapshots by name",
                          description="Remove snapshots (never one in use).")  # fmt: skip
     rm.add_argument("names", nargs="+", metavar="NAME")
+    _json_flag(rm, "print the removed names as JSON")
     rm.set_defaults(func=cmd_rm)
     pr = ssub.add_parser(
         "prune",
@@ -40,7 +47,7 @@ def add_parser(sub: Any) -> None:
     )
     pr.add_argument("--older-than", metavar="DURATION", help="e.g. 30m, 12h, 7d")
     pr.add_argument("--max-size", metavar="SIZE", help="e.g. 2G (0: remove all unused)")
-    pr.add_argument("--json", action="store_true", help="print the removed names as JSON")
+    _json_flag(pr, "print the removed names as JSON")
     pr.set_defaults(func=cmd_prune)
 
 
@@ -92,6 +99,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     names = [validate_name(name) for name in args.names]
     failed = 0
+    removed = []
+    as_json = getattr(args, "json", False)
     for name in names:  # each one it can (as podman rm): one missing or in use stops none
         try:
             store.remove(name)
@@ -99,7 +108,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
             print(f"fcvm: {exc.line()}", file=sys.stderr)
             failed = exc.exit_code
             continue
-        print(f"removed {name}")  # (as prune says it; podman rm names what it removed)
+        removed.append(name)
+        if not as_json:
+            print(f"removed {name}")  # (as prune says it; podman rm names what it removed)
+    if as_json:
+        import json
+
+        print(json.dumps(removed))
     return failed
 
 
@@ -124,7 +139,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if older is None and limit is None:
         limit = cache.limit_bytes()
     removed = cache.prune(max_bytes=limit, older_than=older)
-    if args.json:
+    if getattr(args, "json", False):
         print(json.dumps(removed))
     else:
         for name in removed:

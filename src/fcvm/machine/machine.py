@@ -359,10 +359,13 @@ class Machine:
         vmm = self.vmm
         code = vmm.poll() if vmm is not None else None
         if vmm is not None and code is not None:
-            return GuestError(
-                f"the VM stopped unexpectedly ({vmm.name} exited with {code})",
-                hint=vmm.failure_detail() or None,
-            )
+            how = f"{vmm.name} exited with {code}"
+            if code < 0:
+                with contextlib.suppress(ValueError):
+                    how = f"{vmm.name} was killed by {signal.Signals(-code).name}"
+            detail = vmm.failure_detail()
+            return GuestError(f"the VM stopped unexpectedly ({how})",
+                              hint=detail if detail and detail != how else None)  # fmt: skip
         if self.net is not None:
             dead = self.net.check()
             if dead:
