@@ -106,8 +106,14 @@ class LocalStdio(Stdio):
         return None
 
     async def copy_out(self, fd: int, channel: Channel) -> None:
+        def failed(exc: OSError) -> None:  # (the run goes on: its exit code is its own)
+            where = "output" if fd == 1 else "error output"
+            logger.warning("cannot write the container's %s: %s (the rest of it is "
+                           "dropped)", where, exc.strerror or exc)  # fmt: skip
+
         await fdio.pump_channel_to_fd(channel, self.stdout if fd == 1 else self.stderr,
-                                      on_reader_gone=self.on_reader_gone)  # fmt: skip
+                                      on_reader_gone=self.on_reader_gone,
+                                      on_error=failed)  # fmt: skip
 
     async def copy_in(self, channel: Channel) -> None:
         assert self.stdin is not None

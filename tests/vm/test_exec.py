@@ -171,6 +171,18 @@ def test_a_killed_exec_takes_its_children_with_it(service: str) -> None:
     assert left() == []
 
 
+def test_output_that_cannot_be_written_is_said(service: str) -> None:
+    """fcvm's stdout a full disk (/dev/full): one warning, the command's own exit code.
+    (The output was dropped in silence.)"""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "fcvm", "exec", "--name", service, "--",
+                               "sh", "-c", "echo lost; exit 3"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 3
+    assert proc.stderr == ("fcvm: warning: cannot write the container's output: No space "
+                           "left on device (the rest of it is dropped)\n")  # fmt: skip
+
+
 def test_stdin_eof_reaches_the_command(service: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fcvm", "exec", "-i", "--name", service, "--", "wc", "-c"],

@@ -127,11 +127,12 @@ async def _read_or_eof(fd: int) -> bytes:
 async def pump_channel_to_fd(
     channel: Channel, fd: int, *, close_fd: bool = False,
     on_reader_gone: Callable[[], None] | None = None,
+    on_error: Callable[[OSError], None] | None = None,
 ) -> None:  # fmt: skip
     """channel -> fd until the channel's EOF. If fd stops taking data, the rest is read
     and dropped, so the sender is never left waiting for credit; on_reader_gone is
-    called if that is because its reader went away (EPIPE: `| head`). close_fd gives
-    the reader its EOF."""
+    called if that is because its reader went away (EPIPE: `| head`), on_error for any
+    other failure (a full disk, /dev/full). close_fd gives the reader its EOF."""
     broken = False
     try:
         while data := await channel.read():
@@ -141,8 +142,11 @@ async def pump_channel_to_fd(
                 await write_fd(fd, data)
             except OSError as exc:
                 broken = True
-                if isinstance(exc, BrokenPipeError) and on_reader_gone is not None:
-                    on_reader_gone()
+                if isinstance(exc, BrokenPipeError):
+                    if on_reader_gone is not None:
+                        on_reader_gone()
+                elif on_error is not None:
+                    on_error(exc)
     except (ConnectionError, OSError):
         pass
     finally:
