@@ -171,6 +171,29 @@ def test_a_killed_exec_takes_its_children_with_it(service: str) -> None:
     assert left() == []
 
 
+def test_an_exec_whose_vm_goes_away_says_so(test_image: str) -> None:
+    """The container's main process killed from an exec (--vm): the VM stops, and the
+    exec ends either with its command's death (137) or with one line naming the cause
+    (it said the agent had closed the process channel)."""
+    name = "t-exec-gone"
+    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
+                             test_image, "--", "sleep", "601"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_health(name)
+        done = fcvm("exec", "--name", name, "--vm", "--", "sh", "-c",
+                    'kill -9 $(pgrep -f "sleep 601"); sleep 30')  # fmt: skip
+        assert done.returncode in (125, 137), done.stderr
+        if done.returncode == 125:
+            assert done.stderr == (f"fcvm: VM {name!r} went away while the command ran (its "
+                                   "container exited, or it was stopped)\n")  # fmt: skip
+        assert proc.wait(30) == 137
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_output_that_cannot_be_written_is_said(service: str) -> None:
     """fcvm's stdout a full disk (/dev/full): one warning, the command's own exit code.
     (The output was dropped in silence.)"""

@@ -74,8 +74,9 @@ async def _exec(rec: VmRecord, spec: ProcessSpec, stdio: LocalStdio) -> int:
     import asyncio
     import signal
 
+    from fcvm.errors import GuestError
     from fcvm.machine.client import connect
-    from fcvm.remote import run_remote
+    from fcvm.remote import SessionLost, run_remote
 
     session = await connect(rec)
     loop = asyncio.get_running_loop()
@@ -94,6 +95,11 @@ async def _exec(rec: VmRecord, spec: ProcessSpec, stdio: LocalStdio) -> int:
     stdio.on_reader_gone = lambda: on_signal(signal.SIGPIPE)
     try:
         return await run_remote(session, spec, stdio)
+    except SessionLost:
+        # (the usual cause: the VM stopped - its container exited, say, killed by
+        # this very command - and took the session with it)
+        raise GuestError(f"VM {rec.name!r} went away while the command ran (its "
+                         "container exited, or it was stopped)") from None  # fmt: skip
     except asyncio.CancelledError:
         if not signalled:
             raise
