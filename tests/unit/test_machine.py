@@ -20,6 +20,7 @@ from fcvm.errors import GuestError, StateError
 from fcvm.machine import Machine, MachineSpec, Parts, Phase
 from fcvm.machine.spec import DriveSpec
 from fcvm.net.publish import PortForward
+from fcvm.vmm.base import Capabilities, SnapshotFiles
 from fcvm.vmm.select import Choice
 from fcvm.volumes.spec import VolumeMap
 from tests.unit.aio import arun
@@ -394,49 +395,64 @@ def test_supervise_reports_a_dead_network_helper(tmp_path: Path) -> None:
     arun(main())
 
 
+class SnapVmm:
+    """A VMM whose snapshot steps are logged; the save sleeps in its worker thread."""
+
+    name = "fake"
+    capabilities = Capabilities(accel="tcg", snapshot=True, restore=True)
+
+    def __init__(self, events: list[str], save_seconds: float) -> None:
+        self.events, self.save_seconds = events, save_seconds
+
+    def pause(self) -> None:
+        self.events.append("pause")
+
+    def resume(self) -> None:
+        self.events.append("resume-vm")
+
+    def save_snapshot(self, files: SnapshotFiles, *, base: Any = None) -> None:
+        self.events.append(f"save {files.memory.name} begins")
+        time.sleep(self.save_seconds)  # in a worker thread, as the real save
+        self.events.append(f"save {files.memory.name} ends")
+
+
+class QuiescingSession:
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    async def quiesce(self) -> None:
+        self.events.append("quiesce")
+        await asyncio.sleep(0.01)
+
+    async def resume(self) -> None:
+        self.events.append("release")
+
+
+def snapshotting_machine(tmp_path: Path, events: list[str], save_seconds: float) -> Machine:
+    m = Machine(spec(tmp_path), parts=fake_parts(Log())[0])
+    m.vmm = SnapVmm(events, save_seconds)  # type: ignore[assignment]
+    m._session = QuiescingSession(events)  # type: ignore[assignment]
+    m.phase = Phase.RUNNING
+    return m
+
+
 def test_snapshots_of_one_machine_never_overlap(tmp_path: Path) -> None:
     """A startup snapshot and a `snapshot create` asked for at once: the second waits,
     else its quiesce/resume would interleave with the first's and the agent would be
     released while the first is still being saved."""
     from fcvm.machine.snapshots import snapshot
-    from fcvm.vmm.base import Capabilities, SnapshotFiles
 
     events: list[str] = []
 
-    class SnapVmm:
-        name = "fake"
-        capabilities = Capabilities(accel="tcg", snapshot=True, restore=True)
-
-        def pause(self) -> None:
-            events.append("pause")
-
-        def resume(self) -> None:
-            events.append("resume-vm")
-
-        def save_snapshot(self, files: SnapshotFiles, *, base: Any = None) -> None:
-            time.sleep(0.05)  # in a worker thread, as the real save
-            events.append(f"save {files.memory.name}")
-
-    class QuiescingSession:
-        async def quiesce(self) -> None:
-            events.append("quiesce")
-            await asyncio.sleep(0.01)
-
-        async def resume(self) -> None:
-            events.append("release")
-
     async def main() -> None:
-        m = Machine(spec(tmp_path), parts=fake_parts(Log())[0])
-        m.vmm = SnapVmm()  # type: ignore[assignment]
-        m._session = QuiescingSession()  # type: ignore[assignment]
-        m.phase = Phase.RUNNING
+        m = snapshotting_machine(tmp_path, events, 0.05)
         await asyncio.gather(
             snapshot(m, SnapshotFiles(tmp_path / "a", tmp_path / "a.state")),
             snapshot(m, SnapshotFiles(tmp_path / "b", tmp_path / "b.state")),
         )
 
     arun(main())
-    one = ["quiesce", "pause", "save {}", "resume-vm", "release"]
+    one = ["quiesce", "pause", "save {} begins", "save {} ends", "resume-vm", "release"]
     assert events in ([e.format("a") for e in one] + [e.format("b") for e in one],
                       [e.format("b") for e in one] + [e.format("a") for e in one])  # fmt: skip
 
@@ -449,43 +465,19 @@ def test_a_snapshot_cancelled_while_saving_still_resumes_the_vm_after_the_save(
     session resume, then the cancellation goes on. Resuming while the save thread still
     ran left the VM paused for good (QEMU pauses again when its migration completes)."""
     from fcvm.machine.snapshots import snapshot
-    from fcvm.vmm.base import Capabilities, SnapshotFiles
 
     events: list[str] = []
 
-    class SnapVmm:
-        name = "fake"
-        capabilities = Capabilities(accel="tcg", snapshot=True, restore=True)
-
-        def pause(self) -> None:
-            events.append("pause")
-
-        def resume(self) -> None:
-            events.append("resume-vm")
-
-        def save_snapshot(self, files: SnapshotFiles, *, base: Any = None) -> None:
-            events.append("save-begins")
-            time.sleep(0.2)  # in a worker thread, as the real save
-            events.append("save-ends")
-
-    class QuiescingSession:
-        async def quiesce(self) -> None:
-            events.append("quiesce")
-
-        async def resume(self) -> None:
-            events.append("release")
-
     async def main() -> None:
-        m = Machine(spec(tmp_path), parts=fake_parts(Log())[0])
-        m.vmm = SnapVmm()  # type: ignore[assignment]
-        m._session = QuiescingSession()  # type: ignore[assignment]
-        m.phase = Phase.RUNNING
+        m = snapshotting_machine(tmp_path, events, 0.2)
         task = asyncio.ensure_future(snapshot(m, SnapshotFiles(tmp_path / "a", tmp_path / "s")))
-        while "save-begins" not in events:
+        while "save a begins" not in events:
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     arun(main())
-    assert events == ["quiesce", "pause", "save-begins", "save-ends", "resume-vm", "release"]
+    assert events == ["quiesce", "pause", "save a begins", "save a ends", "resume-vm",
+                      "release"]  # fmt: skip
+

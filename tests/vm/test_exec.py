@@ -41,6 +41,20 @@ def _wait_health(name: str, want: str = "healthy", timeout: float = 120) -> dict
     raise AssertionError(f"{name} never reported health")
 
 
+def _started(name: str, image: str, *command: str) -> subprocess.Popen[bytes]:
+    """`fcvm podman run --name NAME IMAGE -- COMMAND` in the background, healthy."""
+    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
+                             image, "--", *command],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_health(name)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 @pytest.fixture(scope="module")
 def service(test_image: str) -> Iterator[str]:
     proc = subprocess.Popen(
@@ -176,11 +190,8 @@ def test_an_exec_whose_vm_goes_away_says_so(test_image: str) -> None:
     exec ends either with its command's death (137) or with one line naming the cause
     (it said the agent had closed the process channel)."""
     name = "t-exec-gone"
-    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
-                             test_image, "--", "sleep", "601"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = _started(name, test_image, "sleep", "601")
     try:
-        _wait_health(name)
         done = fcvm("exec", "--name", name, "--vm", "--", "sh", "-c",
                     'kill -9 $(pgrep -f "sleep 601"); sleep 30')  # fmt: skip
         assert done.returncode in (125, 137), done.stderr
@@ -349,11 +360,8 @@ def test_exec_runs_as_the_image_s_user_in_its_workdir(user_image: str) -> None:
     otherwise (crun's own defaults, root in /, gave images built to run unprivileged a
     root shell)."""
     name = "t-exec-user"
-    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", name,
-                             user_image, "--", "sleep", "600"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = _started(name, user_image, "sleep", "600")
     try:
-        _wait_health(name)
         who = "id -u; id -g; pwd"
         assert fcvm("exec", "--name", name, "--", "sh", "-c", who).stdout == "33\n33\n/www\n"
         root = fcvm("exec", "--name", name, "-u", "0", "-w", "/tmp", "--", "sh", "-c", who)
