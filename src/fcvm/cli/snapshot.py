@@ -40,7 +40,6 @@ def add_parser(sub: Any) -> None:
         description="Snapshots of VMs, clones started from them, and the page server "
         "that clones can restore from. (List and remove them with fcvm snapshots.)",
     )
-    p.set_defaults(func=lambda args: _group_help(p))
     ssub = p.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND", required=True)
 
     c = ssub.add_parser("create", help="snapshot a running VM", description=CREATE_HELP)
@@ -102,11 +101,6 @@ def add_parser(sub: Any) -> None:
                          description="List snapshots: the same as `fcvm snapshots`.")  # fmt: skip
     add_list_arguments(ls)
     ls.set_defaults(func=cmd_list)
-
-
-def _group_help(p: argparse.ArgumentParser) -> int:
-    p.print_help()
-    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
