@@ -395,6 +395,32 @@ def test_supervise_reports_a_dead_network_helper(tmp_path: Path) -> None:
     arun(main())
 
 
+@pytest.mark.parametrize(("code", "detail", "line"), [
+    (0, "Kernel panic - not syncing: test",
+     "the VM stopped unexpectedly (fake exited with 0) (Kernel panic - not syncing: test)"),
+    (-9, "fake was killed by SIGKILL", "the VM stopped unexpectedly (fake was killed by SIGKILL)"),
+    (-7, "", "the VM stopped unexpectedly (fake was killed by SIGBUS) (a memory file could "
+             "not give the VM a page: is the disk under BASE full?)"),
+])  # fmt: skip
+def test_a_dead_vmm_is_named_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int,
+                                  detail: str, line: str) -> None:  # fmt: skip
+    """How the VMM ended, once (it said "exited with -9 (... killed by SIGKILL)"); a
+    SIGBUS is most likely a full disk under a memory file mapped from it."""
+    monkeypatch.setenv("FCVM_BASE_DIR", str(tmp_path / "base"))
+    log = Log()
+    parts, made = fake_parts(log)
+
+    async def main() -> None:
+        async with Machine(spec(tmp_path), parts=parts) as m:
+            made["vmm"].exit_code = code
+            monkeypatch.setattr(made["vmm"], "failure_detail", lambda: detail)
+            failure = m.failure()
+            assert failure is not None
+            assert failure.line() == line.replace("BASE", str(tmp_path / "base"))
+
+    arun(main())
+
+
 class SnapVmm:
     """A VMM whose snapshot steps are logged; the save sleeps in its worker thread."""
 

@@ -364,8 +364,12 @@ class Machine:
                 with contextlib.suppress(ValueError):
                     how = f"{vmm.name} was killed by {signal.Signals(-code).name}"
             detail = vmm.failure_detail()
-            return GuestError(f"the VM stopped unexpectedly ({how})",
-                              hint=detail if detail and detail != how else None)  # fmt: skip
+            if detail == how:
+                detail = ""
+            if code == -signal.SIGBUS:  # (guest memory a file's pages it could not have)
+                detail = detail or (f"a memory file could not give the VM a page: is the "
+                                    f"disk under {paths.base_dir()} full?")  # fmt: skip
+            return GuestError(f"the VM stopped unexpectedly ({how})", hint=detail or None)
         if self.net is not None:
             dead = self.net.check()
             if dead:
