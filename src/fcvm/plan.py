@@ -200,13 +200,16 @@ def parse_health_check(url: str | None) -> str | None:
     return url
 
 
-def parse_seconds(flag: str, value: str) -> float:
+def parse_seconds(flag: str, value: str, *, zero: bool = False) -> float:
+    """A duration in seconds, up to a day; 0 only where it means something (zero)."""
     try:
         seconds = float(value)
     except ValueError:
         raise UsageError(f"malformed {flag} {value!r}: expected seconds") from None
-    if not 0 < seconds <= 24 * 3600:
-        raise UsageError(f"{flag} {value}: must be more than 0 and at most 86400 seconds")
+    enough = seconds >= 0 if zero else seconds > 0
+    if not enough or seconds > 24 * 3600:
+        least = "0" if zero else "more than 0"
+        raise UsageError(f"{flag} {value}: must be {least} and at most 86400 seconds")
     return seconds
 
 

@@ -386,7 +386,9 @@ def test_cli_serve_and_sigterm(tmp_path: Path) -> None:
         assert dup.returncode == 125 and "already being served" in dup.stderr
         # Served is in use: clones of this server map its memory file.
         rm = fcvm("snapshots", "rm", "cli", env=env)
-        assert rm.returncode == 125 and "in use" in rm.stderr, rm.stderr
+        assert rm.returncode == 125, rm.stderr
+        assert rm.stderr == f"fcvm: snapshot 'cli' is being served by pid {proc.pid} (fcvm " \
+                            "snapshot serve)\n"
         assert (snap / "memory").exists()
         assert_all_bytes_right(run_driver(sock, snap / "memory", "--pattern", "random"))
         proc.send_signal(signal.SIGTERM)

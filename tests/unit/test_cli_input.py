@@ -35,7 +35,8 @@ def empty_base(tmp_path: Path) -> dict[str, str]:
         (["--health-check", "http://localhost:abc/"], "a port is a number"),
         (["--health-check", "http://localhost:99999/"], "a port is a number"),
         (["--health-check", "ftp://localhost/"], "malformed --health-check"),
-        (["--stop-timeout", "0"], "more than 0"),
+        (["--stop-timeout", "-1"], "must be 0 and at most"),
+        (["--health-timeout", "0"], "must be more than 0"),
     ],
 )
 def test_malformed_flags(flags: list[str], needle: str, empty_base: dict[str, str]) -> None:
@@ -93,6 +94,11 @@ def test_snapshots_json_before_or_after_the_subcommand(empty_base: dict[str, str
     for argv in (["--json", "prune"], ["prune", "--json"]):
         proc = fcvm("snapshots", *argv, env=empty_base)
         assert (proc.returncode, proc.stdout) == (0, "[]\n"), proc.stderr
+
+
+def test_a_stop_timeout_of_0_is_podman_s_at_once(empty_base: dict[str, str]) -> None:
+    proc = fcvm("podman", "run", "--name", "x", "--stop-timeout", "0", "img", env=empty_base)
+    assert proc.stderr == "fcvm: guest assets are not set up (run `fcvm setup`)\n"
 
 
 def test_invalid_name(empty_base: dict[str, str]) -> None:

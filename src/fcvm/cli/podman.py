@@ -123,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default="10",
         metavar="SECONDS",
         help="after forwarding a stop signal to the container, stop the VM if the "
-        "container has not ended within this long (default 10)",
+        "container has not ended within this long (default 10; 0: at once)",
     )
     run.add_argument(
         "--setup",
@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tty=args.tty,
         health_check=p.parse_health_check(args.health_check),
         health_timeout=p.parse_seconds("--health-timeout", args.health_timeout),
-        stop_timeout=p.parse_seconds("--stop-timeout", args.stop_timeout),
+        stop_timeout=p.parse_seconds("--stop-timeout", args.stop_timeout, zero=True),
         snapshot=not args.no_snapshot,
         maps=parse_maps(args.map),
     )

@@ -215,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         name=name,
         image=pl.ImageSpec("snapshot", source.snapshot),
         publish=tuple(f.spec() for f in parse_publish(args.publish)),
-        stop_timeout=pl.parse_seconds("--stop-timeout", args.stop_timeout),
+        stop_timeout=pl.parse_seconds("--stop-timeout", args.stop_timeout, zero=True),
         vmm=os.environ.get("FCVM_VMM", "auto"),
         interactive=args.interactive, tty=args.tty, snapshot=False,
         maps=parse_maps(args.map),

@@ -104,6 +104,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
     for name in names:  # each one it can (as podman rm): one missing or in use stops none
         try:
             store.remove(name)
+        except store.SnapshotInUse as exc:  # (by a VM, or a page server: name it)
+            server = _server_of(name)
+            line = exc.line() if server is None else (
+                f"snapshot {name!r} is being served by pid {server} (fcvm snapshot serve)")
+            print(f"fcvm: {line}", file=sys.stderr)
+            failed = exc.exit_code
+            continue
         except FcvmError as exc:
             print(f"fcvm: {exc.line()}", file=sys.stderr)
             failed = exc.exit_code
@@ -116,6 +123,16 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
         print(json.dumps(removed))
     return failed
+
+
+def _server_of(name: str) -> int | None:
+    """The pid of the page server serving snapshot `name`, if one is."""
+    from fcvm import state
+
+    for rec in state.list_live():
+        if rec.kind == "serve" and rec.extra.get("snapshot") == name:
+            return rec.pid
+    return None
 
 
 def parse_duration(value: str) -> float:
