@@ -277,7 +277,9 @@ class ContainerRun:
             elif kind == p.EV_HEALTH:
                 status = str(event.get("status"))
                 self.timings.mark(f"health-{status}")
-                machine.update_record(health=status)
+                # (with the URL checked, if any: fcvm ls names a health only for those)
+                machine.update_record(health=status, extra={
+                    **machine.record.extra, "health_check": spec.health_check or ""})
                 self._health.set()
                 if status != "healthy":
                     logger.warning("container unhealthy: %s", event.get("detail"))

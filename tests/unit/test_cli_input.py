@@ -199,18 +199,36 @@ def test_ls_says_what_state_each_vm_is_in(
     empty_base: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A running VM whose container has not started is 'running (starting)': fcvm exec
-    refuses it until then (it said just 'running')."""
+    refuses it until then (it said just 'running'). A health is named, as podman ps
+    does, only for a VM with a health check ('e' has none: it said '(healthy)')."""
     from fcvm import state
 
     monkeypatch.setenv("FCVM_BASE_DIR", empty_base["FCVM_BASE_DIR"])
-    for name, status, health in [("a", "booting", ""), ("b", "running", ""),
-                                 ("c", "running", "healthy"), ("d", "running", "unhealthy")]:
+    url = {"health_check": "http://127.0.0.1/"}
+    for name, status, health, extra in [
+        ("a", "booting", "", {}), ("b", "running", "", {}), ("c", "running", "healthy", url),
+        ("d", "running", "unhealthy", url), ("e", "running", "healthy", {"health_check": ""}),
+    ]:
         state.create(state.VmRecord(vm_id=state.new_vm_id(), name=name, status=status,
-                                    health=health))  # fmt: skip
+                                    health=health, extra=extra))  # fmt: skip
     lines = fcvm("ls", env=empty_base, check=True).stdout.splitlines()
     status = {line.split()[0]: line[lines[0].index("STATUS"):].split("  ")[0] for line in lines[1:]}
     assert status == {"a": "booting", "b": "running (starting)", "c": "running (healthy)",
-                      "d": "running (unhealthy)"}  # fmt: skip
+                      "d": "running (unhealthy)", "e": "running"}  # fmt: skip
+
+
+def test_output_into_a_closed_pipe_ends_quietly(empty_base: dict[str, str]) -> None:
+    """`fcvm ls | head -0`: exit 141 as a writer killed by SIGPIPE, nothing on stderr
+    (it printed "fcvm: Broken pipe" and exited 125)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "ls"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, **empty_base})  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    assert proc.wait(60) == 141
+    assert proc.stderr.read() == b""
 
 
 def test_help_is_instant_and_complete() -> None:

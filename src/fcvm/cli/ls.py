@@ -29,8 +29,11 @@ def _age(created: float) -> str:
 
 
 def _status(r: VmRecord) -> str:
-    """running (healthy|unhealthy), or running (starting) while its container has not
-    started yet (fcvm exec refuses it until then), as podman ps says of a health check."""
+    """running (healthy|unhealthy) with a --health-check, as podman ps says of one, and
+    plain running without one; running (starting) while its container has not started
+    yet, or its health check has not passed yet (fcvm exec refuses it until then)."""
+    if r.health == "healthy" and r.extra.get("health_check") == "":
+        return r.status  # (started; there is no health check to name)
     if r.health:
         return f"{r.status} ({r.health})"
     if r.status == "running" and r.kind == "vm":

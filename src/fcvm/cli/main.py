@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -93,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # (`fcvm ls | head -1`: ends quietly, as a writer on SIGPIPE)
+        with contextlib.suppress(OSError):  # (nothing more reaches the gone reader)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a file or device fcvm needs is not there or not allowed
         where = f": {exc.filename}" if exc.filename else ""
         print(f"fcvm: {exc.strerror or exc}{where}", file=sys.stderr)
