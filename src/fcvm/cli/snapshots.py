@@ -94,7 +94,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     import sys
 
     from fcvm.errors import FcvmError
-    from fcvm.snapshot import store
+    from fcvm.snapshot import cache, store
     from fcvm.snapshot.layout import validate_name
 
     names = [validate_name(name) for name in args.names]
@@ -105,7 +105,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         try:
             store.remove(name)
         except store.SnapshotInUse as exc:  # (by a VM, or a page server: name it)
-            server = _server_of(name)
+            server = cache.page_servers().get(name)
             line = exc.line() if server is None else (
                 f"snapshot {name!r} is being served by pid {server} (fcvm snapshot serve)")
             print(f"fcvm: {line}", file=sys.stderr)
@@ -123,16 +123,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
         print(json.dumps(removed))
     return failed
-
-
-def _server_of(name: str) -> int | None:
-    """The pid of the page server serving snapshot `name`, if one is."""
-    from fcvm import state
-
-    for rec in state.list_live():
-        if rec.kind == "serve" and rec.extra.get("snapshot") == name:
-            return rec.pid
-    return None
 
 
 def parse_duration(value: str) -> float:

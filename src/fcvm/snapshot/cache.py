@@ -215,10 +215,15 @@ def _size(path: os.PathLike[str]) -> int:
         return 0
 
 
-def listing() -> list[Listed]:
+def page_servers() -> dict[str, int]:
+    """Snapshot name -> pid of the live page server serving it (fcvm snapshot serve)."""
     from fcvm import state
 
-    servers = {r.extra.get("snapshot"): r.pid for r in state.list_live() if r.kind == "serve"}
+    return {str(r.extra.get("snapshot")): r.pid for r in state.list_live() if r.kind == "serve"}
+
+
+def listing() -> list[Listed]:
+    servers = page_servers()
     out = []
     for snap, meta in list_snapshots():
         try:
